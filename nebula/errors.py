@@ -1,0 +1,148 @@
+"""One error hierarchy for every Nebula process.
+
+Each error knows its HTTP status and OpenAI error ``type``/``code`` so the
+gateway maps it to an OpenAI error body in exactly one place
+(:mod:`gateway.errors`), and workers can ship it across NATS in an error frame.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorBody
+
+
+class NebulaError(Exception):
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+
+    def body(self) -> ErrorEnvelope:
+        return ErrorEnvelope(
+            error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
+
+    def to_json(self) -> bytes:
+        return msgspec.json.encode(self.body())
+
+
+class InvalidRequest(NebulaError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class PayloadTooLarge(NebulaError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class ModelNotFound(NebulaError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class Conflict(NebulaError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class QueueFull(NebulaError):
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+
+class NoReplica(NebulaError):
+    status = 503
+    type = "server_error"
+    code = "no_ready_replica"
+
+
+class Unavailable(NebulaError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class DeadlineExceeded(NebulaError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+class WorkerLost(NebulaError):
+    status = 502
+    type = "server_error"
+    code = "worker_lost"
+
+
+class EngineError(NebulaError):
+    """An engine failed a request; ``status`` may be overridden per instance (upstream errors)."""
+
+    type = "server_error"
+    code = "engine_error"
+
+    def __init__(self, message: str, *, status: int = 500, raw_body: bytes | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # type: ignore[misc]
+        self.raw_body = raw_body
+
+    def to_json(self) -> bytes:
+        # An upstream OpenAI-compatible server already produced an OpenAI error body: keep it.
+        return self.raw_body if self.raw_body is not None else super().to_json()
+
+
+_BY_CODE: dict[str, type[NebulaError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        PayloadTooLarge,
+        ModelNotFound,
+        Conflict,
+        QueueFull,
+        NoReplica,
+        Unavailable,
+        DeadlineExceeded,
+        WorkerLost,
+    )
+    if cls.code
+}
+
+
+def error_from_wire(status: int, body: bytes) -> NebulaError:
+    """Rebuild an error carried in an error frame (status header + OpenAI error body)."""
+    try:
+        env = msgspec.json.decode(body, type=ErrorEnvelope)
+    except msgspec.DecodeError:
+        return EngineError(body.decode(errors="replace") or "engine error", status=status)
+    cls = _BY_CODE.get(env.error.code or "")
+    if cls is not None and cls.status == status:
+        return cls(env.error.message, param=env.error.param)
+    return EngineError(env.error.message, status=status, raw_body=body)

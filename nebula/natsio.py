@@ -1,0 +1,134 @@
+"""NATS connection and the JetStream resources every process relies on.
+
+Streams and buckets are created idempotently by whichever process starts first,
+so no process depends on start order and no state lives outside JetStream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import nats
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from nebula import subjects
+from nebula.errors import Unavailable
+from nebula.settings import NatsSettings
+
+log = logging.getLogger(__name__)
+
+# Seconds a heartbeat stays valid: workers/nodes beat every few seconds.
+WORKER_TTL = 15.0
+NODE_TTL = 30.0
+
+
+async def connect(
+    settings: NatsSettings,
+    *,
+    name: str,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    connect_timeout: float = 5.0,
+) -> Client:
+    """Connect and keep reconnecting forever: a NATS restart must not kill any process."""
+
+    async def _error_cb(e: Exception) -> None:
+        log.debug("nats error (%s): %s", name, e)
+
+    async def _disconnected_cb() -> None:
+        log.warning("%s: disconnected from NATS, reconnecting", name)
+
+    async def _reconnected_cb() -> None:
+        log.warning("%s: reconnected to NATS", name)
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    try:
+        return await nats.connect(
+            settings.url,
+            name=name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=_error_cb,
+            disconnected_cb=_disconnected_cb,
+            reconnected_cb=_reconnected_cb,
+        )
+    except Exception as e:  # nats raises several unrelated types for "unreachable"
+        raise Unavailable(f"cannot reach NATS at {settings.url}: {e or type(e).__name__}") from e
+
+
+async def ensure_request_stream(
+    js: JetStreamContext, settings: NatsSettings, *, max_queue: int | None
+) -> None:
+    """The interactive work-queue stream; ``max_queue`` bounds waiting jobs per model.
+
+    Workers ack a job the moment they take it, so only waiting jobs count toward
+    the bound. Memory storage: interactive requests die with their HTTP clients.
+    """
+    config = StreamConfig(
+        name=subjects.REQ_STREAM,
+        subjects=[subjects.req_subjects_all()],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.MEMORY,
+        discard=DiscardPolicy.NEW,
+        max_msgs_per_subject=max_queue if max_queue is not None else -1,
+        discard_new_per_subject=max_queue is not None,
+        num_replicas=settings.replicas,
+        max_age=3600.0,
+    )
+    try:
+        info = await js.stream_info(subjects.REQ_STREAM)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            pass  # another process created it a moment ago
+        else:
+            return
+        info = await js.stream_info(subjects.REQ_STREAM)
+    if max_queue is None:
+        return  # workers leave the queue bound to gateways
+    if info.config.max_msgs_per_subject != max_queue:
+        await js.update_stream(config)
+
+
+async def ensure_bucket(
+    js: JetStreamContext,
+    settings: NatsSettings,
+    bucket: str,
+    *,
+    ttl: float | None = None,
+    history: int = 1,
+) -> KeyValue:
+    try:
+        return await js.key_value(bucket)
+    except Exception:
+        pass
+    try:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=bucket,
+                ttl=ttl,
+                history=history,
+                storage=StorageType.FILE,
+                replicas=settings.replicas,
+            )
+        )
+    except BadRequestError:
+        return await js.key_value(bucket)
+
+
+async def workers_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
+    return await ensure_bucket(js, settings, subjects.WORKERS_BUCKET, ttl=WORKER_TTL)

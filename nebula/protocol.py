@@ -1,0 +1,99 @@
+"""Payloads on the wire: msgspec Structs, frozen and kw_only.
+
+New fields always get defaults so processes of mixed versions interoperate.
+Frame metadata travels in NATS headers (names in :mod:`nebula.subjects`); frame
+bodies are bytes ready to write to the HTTP client.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class FrameKind(str, enum.Enum):
+    START = "start"
+    DATA = "data"
+    KEEPALIVE = "keepalive"
+    END = "end"
+    ERROR = "error"
+
+
+class Endpoint(str, enum.Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+    EMBEDDING = "embedding"
+
+
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's heartbeat in the workers bucket: proof that a model has a live replica."""
+
+    worker_id: str
+    model: str
+    engine: str
+    owned_by: str = "nebula"
+    node_id: str = ""
+    max_concurrency: int = 1
+    inflight: int = 0
+    started_at: float = 0.0
+    ready: bool = True
+    draining: bool = False
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Desired state of one model (the models bucket)."""
+
+    name: str
+    engine: str
+    model_path: str | None = None
+    replicas: int = 1
+    gpu_memory: float = 0.0
+    max_concurrency: int = 8
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    engine_args: list[str] = msgspec.field(default_factory=list)
+    engine_options: dict[str, str] = msgspec.field(default_factory=dict)
+    created_at: float = 0.0
+
+
+class PlacementState(str, enum.Enum):
+    PENDING = "Pending"
+    STARTING = "Starting"
+    READY = "Ready"
+    FAILED = "Failed"
+    UNLOADING = "Unloading"
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    """One replica of one model bound (or not yet) to a node (the placements bucket)."""
+
+    model: str
+    replica: int
+    node_id: str | None = None
+    gpu_ids: list[int] = msgspec.field(default_factory=list)
+    memory_fraction: float = 0.0
+    state: PlacementState = PlacementState.PENDING
+    reason: str = ""
+    worker_id: str | None = None
+    updated_at: float = 0.0
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str = ""
+    memory_total: int = 0
+    memory_free: int = 0
+
+
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A node agent's heartbeat (the nodes bucket, expires by TTL)."""
+
+    node_id: str
+    hostname: str = ""
+    gpus: list[GpuInfo] = msgspec.field(default_factory=list)
+    cpu_count: int = 0
+    memory_total: int = 0
+    memory_free: int = 0
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    workers: int = 0
+    heartbeat_at: float = 0.0

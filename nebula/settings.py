@@ -1,0 +1,122 @@
+"""Typed settings. Every process gets its settings passed in; nothing reads globals.
+
+Each class has ``from_env`` (``NEBULA_*`` variables) and the CLI builds them from
+flags whose defaults come from the same environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+DEFAULT_NATS_PORT = 4222
+DEFAULT_NATS_URL = f"nats://127.0.0.1:{DEFAULT_NATS_PORT}"
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+# The embedded server's max_payload sits above the body limit so a job of a body
+# the gateway accepted (plus headers) always fits in one NATS message.
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"NEBULA_{name}", default)
+
+
+def default_data_dir() -> Path:
+    return Path(_env("DATA_DIR", platformdirs.user_data_dir("nebula")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class NatsSettings:
+    url: str = DEFAULT_NATS_URL
+    name: str = "nebula"
+    # JetStream replicas for streams and buckets (3 on a 3-node NATS cluster).
+    replicas: int = 1
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> NatsSettings:
+        base = cls(url=_env("NATS_URL", DEFAULT_NATS_URL), replicas=int(_env("NATS_REPLICAS", "1")))
+        return _replace(base, overrides)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedNatsSettings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_NATS_PORT
+    store_dir: Path = field(default_factory=lambda: default_data_dir() / "nats")
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    config_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    # Jobs waiting per model before publishes are refused with 429.
+    max_queue: int = 256
+    # How long a job may wait for a worker to start it (503 with no live worker, 504 if queued).
+    dispatch_timeout: float = 30.0
+    # Silence from a started job longer than this means its worker died.
+    keepalive_timeout: float = 5.0
+    retry_after: float = 1.0
+    gateway_id: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> GatewaySettings:
+        base = cls(
+            host=_env("HOST", "127.0.0.1"),
+            port=int(_env("PORT", "8000")),
+            max_body_bytes=int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY))),
+            max_queue=int(_env("MAX_QUEUE", "256")),
+            dispatch_timeout=float(_env("DISPATCH_TIMEOUT", "30")),
+            keepalive_timeout=float(_env("KEEPALIVE_TIMEOUT", "5")),
+        )
+        return _replace(base, overrides)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings:
+    model: str
+    max_concurrency: int = 8
+    worker_id: str | None = None
+    # First token goes out at once; later ones are batched up to this many or this long.
+    batch_tokens: int = 16
+    batch_ms: float = 15.0
+    keepalive_interval: float = 1.0
+    heartbeat_interval: float = 2.0
+    # How long in-flight requests may finish after stop() before they are cancelled.
+    drain_timeout: float = 30.0
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimSettings:
+    """The simulated engine: for exercising the fabric and load benchmarks only."""
+
+    ttft_ms: float = 0.0
+    itl_ms: float = 0.0
+    max_tokens: int = 16
+    max_concurrency: int = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpenAIUpstreamSettings:
+    url: str
+    api_key: str | None = None
+    # Model name to send upstream; defaults to the Nebula model name.
+    upstream_model: str | None = None
+    timeout: float = 600.0
+
+
+def _replace(obj, overrides: dict[str, object]):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return replace(obj, **clean) if clean else obj

@@ -1,0 +1,164 @@
+"""The wire names: every NATS subject, stream, consumer, KV bucket, key and header.
+
+No other module formats a subject string. Model names are user strings
+(``Qwen/Qwen2.5-0.5B-Instruct``, ``llama3:8b``, ``a.b``); :func:`model_token`
+encodes them reversibly into something that is at once a valid subject token,
+KV key and consumer name.
+"""
+
+from __future__ import annotations
+
+import string
+
+from nebula.errors import InvalidRequest
+
+VERSION = "v1"
+ROOT = f"nebula.{VERSION}"
+
+# --- model tokens -----------------------------------------------------------
+
+# Characters kept verbatim: safe in subjects, KV keys, consumer and file names.
+_SAFE = frozenset(string.ascii_letters + string.digits + "-")
+_ESC = "_"
+
+
+def model_token(name: str) -> str:
+    """Encode a model name reversibly: safe chars stay, others become ``_XX`` (UTF-8 hex)."""
+    if not name:
+        raise InvalidRequest("model name must not be empty", param="model")
+    out: list[str] = []
+    for ch in name:
+        if ch in _SAFE:
+            out.append(ch)
+        else:
+            out.extend(f"{_ESC}{b:02X}" for b in ch.encode())
+    return "".join(out)
+
+
+def model_from_token(token: str) -> str:
+    """Inverse of :func:`model_token`."""
+    raw = bytearray()
+    i = 0
+    while i < len(token):
+        ch = token[i]
+        if ch == _ESC:
+            raw.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.extend(ch.encode())
+            i += 1
+    return raw.decode()
+
+
+# --- interactive requests ---------------------------------------------------
+
+REQ_STREAM = "NEBULA_REQ"
+
+
+def req_subject(model: str) -> str:
+    return f"{ROOT}.req.{model_token(model)}"
+
+
+def req_subjects_all() -> str:
+    return f"{ROOT}.req.>"
+
+
+def req_consumer(model: str) -> str:
+    """Durable pull consumer shared by all workers of one model (a JetStream queue group)."""
+    return f"req-{model_token(model)}"
+
+
+def pull_next_subject(stream: str, consumer: str) -> str:
+    """JetStream API subject a pull request is published to."""
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+
+
+# --- batch jobs --------------------------------------------------------------
+
+JOB_STREAM = "NEBULA_JOBS"
+RESULT_STREAM = "NEBULA_RESULTS"
+
+
+def job_subject(model: str) -> str:
+    return f"{ROOT}.job.{model_token(model)}"
+
+
+def job_subjects_all() -> str:
+    return f"{ROOT}.job.>"
+
+
+def result_subject(job_id: str) -> str:
+    return f"{ROOT}.result.{job_id}"
+
+
+def result_subjects_all() -> str:
+    return f"{ROOT}.result.>"
+
+
+# --- replies and cancellation ------------------------------------------------
+
+
+def reply_prefix(gateway_id: str) -> str:
+    return f"{ROOT}.reply.{gateway_id}"
+
+
+def reply_wildcard(gateway_id: str) -> str:
+    """The ONE subscription a gateway holds for all of its in-flight requests."""
+    return f"{reply_prefix(gateway_id)}.*"
+
+
+def reply_subject(gateway_id: str, request_id: str) -> str:
+    return f"{reply_prefix(gateway_id)}.{request_id}"
+
+
+def request_id_from_reply(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
+
+
+def cancel_subject(worker_id: str) -> str:
+    return f"{ROOT}.cancel.{worker_id}"
+
+
+# --- KV buckets and keys -----------------------------------------------------
+
+MODELS_BUCKET = "nebula-models"
+PLACEMENTS_BUCKET = "nebula-placements"
+NODES_BUCKET = "nebula-nodes"
+WORKERS_BUCKET = "nebula-workers"
+LEADER_BUCKET = "nebula-leader"
+LEADER_KEY = "scheduler"
+
+
+def model_key(model: str) -> str:
+    return model_token(model)
+
+
+def placement_key(model: str, replica: int) -> str:
+    return f"{model_token(model)}.{replica}"
+
+
+def placement_key_parts(key: str) -> tuple[str, int]:
+    token, replica = key.rsplit(".", 1)
+    return model_from_token(token), int(replica)
+
+
+def node_key(node_id: str) -> str:
+    return model_token(node_id)
+
+
+def worker_key(model: str, worker_id: str) -> str:
+    return f"{model_token(model)}.{worker_id}"
+
+
+# --- headers ------------------------------------------------------------------
+
+H_REQUEST_ID = "Nebula-Request-Id"
+H_REPLY = "Nebula-Reply"
+H_DEADLINE = "Nebula-Deadline"  # unix epoch seconds, float
+H_PRIORITY = "Nebula-Priority"
+H_ENDPOINT = "Nebula-Endpoint"  # chat | completion | embedding
+H_ATTEMPT = "Nebula-Attempt"
+H_KIND = "Nebula-Kind"  # start | data | keepalive | end | error
+H_SEQ = "Nebula-Seq"
+H_WORKER = "Nebula-Worker"
+H_STATUS = "Nebula-Status"  # HTTP status carried by an error frame
