@@ -7,8 +7,6 @@ gateway maps it to an OpenAI error body in exactly one place
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import msgspec
 
 
@@ -24,9 +22,10 @@ class ErrorEnvelope(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NebulaError(Exception):
-    status: ClassVar[int] = 500
-    type: ClassVar[str] = "server_error"
-    code: ClassVar[str | None] = "internal_error"
+    # Class defaults; an instance may override them (an upstream's status, say).
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = "internal_error"
 
     def __init__(
         self,
@@ -97,6 +96,17 @@ class DeadlineExceeded(NebulaError):
     code = "deadline_exceeded"
 
 
+class HTTPError(NebulaError):
+    """Routing-level errors (unknown path, wrong method) in the OpenAI shape."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = "not_found" if status == 404 else None
+
+
 class WorkerLost(NebulaError):
     status = 502
     type = "server_error"
@@ -111,7 +121,7 @@ class EngineError(NebulaError):
 
     def __init__(self, message: str, *, status: int = 500, raw_body: bytes | None = None) -> None:
         super().__init__(message)
-        self.status = status  # type: ignore[misc]
+        self.status = status
         self.raw_body = raw_body
 
     def to_json(self) -> bytes:

@@ -6,6 +6,7 @@ so no process depends on start order and no state lives outside JetStream.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -31,6 +32,30 @@ log = logging.getLogger(__name__)
 # Seconds a heartbeat stays valid: workers/nodes beat every few seconds.
 WORKER_TTL = 15.0
 NODE_TTL = 30.0
+# A worker whose last heartbeat (every <= 2 s) is older than this is not live.
+WORKER_LIVE_WINDOW = 7.0
+
+
+class ReconnectHooks:
+    """Callbacks run after NATS comes back: resources in memory storage (the request
+    stream, pull requests, watchers) must be re-created by whoever uses them."""
+
+    def __init__(self) -> None:
+        self._hooks: list[Callable[[], Awaitable[None]]] = []
+
+    def add(self, hook: Callable[[], Awaitable[None]]) -> None:
+        self._hooks.append(hook)
+
+    def remove(self, hook: Callable[[], Awaitable[None]]) -> None:
+        with contextlib.suppress(ValueError):
+            self._hooks.remove(hook)
+
+    async def __call__(self) -> None:
+        for hook in list(self._hooks):
+            try:
+                await hook()
+            except Exception:
+                log.exception("reconnect hook %r failed", hook)
 
 
 async def connect(
@@ -45,8 +70,11 @@ async def connect(
     async def _error_cb(e: Exception) -> None:
         log.debug("nats error (%s): %s", name, e)
 
+    client: list[Client] = []
+
     async def _disconnected_cb() -> None:
-        log.warning("%s: disconnected from NATS, reconnecting", name)
+        if client and not (client[0].is_closed or client[0].is_draining):
+            log.warning("%s: disconnected from NATS, reconnecting", name)
 
     async def _reconnected_cb() -> None:
         log.warning("%s: reconnected to NATS", name)
@@ -54,7 +82,7 @@ async def connect(
             await on_reconnect()
 
     try:
-        return await nats.connect(
+        nc = await nats.connect(
             settings.url,
             name=name,
             connect_timeout=connect_timeout,
@@ -67,6 +95,8 @@ async def connect(
         )
     except Exception as e:  # nats raises several unrelated types for "unreachable"
         raise Unavailable(f"cannot reach NATS at {settings.url}: {e or type(e).__name__}") from e
+    client.append(nc)
+    return nc
 
 
 async def ensure_request_stream(
@@ -132,3 +162,7 @@ async def ensure_bucket(
 
 async def workers_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
     return await ensure_bucket(js, settings, subjects.WORKERS_BUCKET, ttl=WORKER_TTL)
+
+
+async def models_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
+    return await ensure_bucket(js, settings, subjects.MODELS_BUCKET)

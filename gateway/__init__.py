@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: HTTP requests in, NATS jobs out, frames relayed back."""

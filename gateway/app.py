@@ -1,0 +1,280 @@
+"""The HTTP surface: OpenAI endpoints, probes, metrics.
+
+Hot routes are plain Starlette routes on the FastAPI app: the body is read once,
+validated with msgspec, forwarded as the same bytes, and worker frames are
+written to the socket without being decoded or re-encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import msgspec
+from fastapi import FastAPI
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from gateway.dispatcher import Call, Dispatcher
+from gateway.errors import (
+    error_response,
+    from_decode_error,
+    http_error_handler,
+    nebula_error_handler,
+    sse_error,
+    unhandled_error_handler,
+)
+from gateway.registry import ModelRegistry
+from nebula import natsio
+from nebula.errors import NebulaError, PayloadTooLarge
+from nebula.openai_types import ChatCompletionRequest, CompletionRequest, Model, ModelList
+from nebula.protocol import Endpoint
+from nebula.settings import GatewaySettings, NatsSettings
+
+log = logging.getLogger(__name__)
+
+# Headroom for job headers inside one NATS message.
+_HEADER_ROOM = 4096
+# Oversized bodies up to this size are read and dropped before the 413, so the
+# client sees the answer instead of a reset connection while still sending.
+_DRAIN_LIMIT = 64 * 1024 * 1024
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "nebula_gateway_requests", "Requests by model and status", ["model", "status"],
+            registry=registry,
+        )
+        self.ttfb = Histogram(
+            "nebula_gateway_first_frame_seconds", "Time until a worker started the job",
+            registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+
+
+class Gateway:
+    """Owns the dispatcher and registry over a NATS connection it is given."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        nats_settings: NatsSettings,
+        nc: Client,
+        *,
+        registry: CollectorRegistry | None = None,
+        hooks: natsio.ReconnectHooks | None = None,
+    ) -> None:
+        self.settings = settings
+        self.nats_settings = nats_settings
+        self.nc = nc
+        self.gateway_id = settings.gateway_id or uuid.uuid4().hex[:12]
+        self.models = ModelRegistry()
+        self.dispatcher = Dispatcher(nc, settings, nats_settings, self.models, self.gateway_id)
+        self.metrics = Metrics(registry or CollectorRegistry())
+        self.hooks = hooks
+        limit = settings.max_body_bytes
+        if nc.max_payload:
+            limit = min(limit, nc.max_payload - _HEADER_ROOM)
+        self.body_limit = limit
+        self._closed = False
+
+    async def __aenter__(self) -> Gateway:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+        await self._watch()
+        if self.hooks is not None:
+            self.hooks.add(self._on_reconnect)
+
+    async def _watch(self) -> None:
+        js = self.nc.jetstream()
+        workers = await natsio.workers_bucket(js, self.nats_settings)
+        models = await natsio.models_bucket(js, self.nats_settings)
+        await self.models.watch(workers, models)
+
+    async def _on_reconnect(self) -> None:
+        await self.dispatcher.ensure_stream()
+        await self._watch()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.hooks is not None:
+            self.hooks.remove(self._on_reconnect)
+        await self.models.stop()
+        await self.dispatcher.close()
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    size = int(declared) if declared and declared.isdigit() else None
+    if size is not None and size > limit:
+        if size <= _DRAIN_LIMIT:
+            async for _ in request.stream():
+                pass
+        raise PayloadTooLarge(f"request body is {size} bytes; the limit is {limit} bytes")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(gw: Gateway) -> FastAPI:
+    app = FastAPI(title="Nebula gateway", docs_url=None, redoc_url=None)
+    app.add_exception_handler(NebulaError, nebula_error_handler)
+    app.add_exception_handler(HTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)
+    metrics = gw.metrics
+
+    async def submit(request: Request, endpoint: Endpoint) -> Response:
+        body = await _read_body(request, gw.body_limit)
+        try:
+            if endpoint is Endpoint.CHAT:
+                req: ChatCompletionRequest | CompletionRequest = msgspec.json.decode(
+                    body, type=ChatCompletionRequest
+                )
+            else:
+                req = msgspec.json.decode(body, type=CompletionRequest)
+        except msgspec.DecodeError as e:
+            raise from_decode_error(e) from None
+        gw.models.resolve(req.model)
+        call = await gw.dispatcher.submit(req.model, endpoint, body)
+        try:
+            if req.stream:
+                return await _stream(call, request)
+            return await _unary(call, request)
+        except NebulaError as e:
+            metrics.requests.labels(req.model, str(e.status)).inc()
+            raise
+        finally:
+            if not req.stream:
+                call.close()
+
+    async def _unary(call: Call, request: Request) -> Response:
+        async def answer() -> bytes:
+            await call.wait_started()
+            async for kind, data in call.frames():
+                if kind == "end":
+                    return data
+            raise AssertionError("frames() ends with an end frame")
+
+        work = asyncio.ensure_future(answer())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not work.done():
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
+            await call.cancel()
+            return Response(status_code=499)
+        data = work.result()
+        metrics.requests.labels(call.model, "200").inc()
+        return Response(data, media_type="application/json")
+
+    async def _stream(call: Call, request: Request) -> Response:
+        try:
+            await call.wait_started()
+            frames = call.frames()
+            # Hold the HTTP status until the first answer frame, so an error the
+            # worker reports at once (bad request upstream) is a real status code.
+            first = await anext(frames)
+        except BaseException:
+            await call.cancel()
+            call.close()
+            raise
+        metrics.requests.labels(call.model, "200").inc()
+        return StreamingResponse(
+            _relay(call, first, frames), media_type="text/event-stream", headers=_SSE_HEADERS
+        )
+
+    async def _relay(
+        call: Call, first: tuple[str, bytes], frames: AsyncIterator[tuple[str, bytes]]
+    ) -> AsyncIterator[bytes]:
+        try:
+            call.delivered = True
+            yield first[1]
+            if first[0] == "end":
+                return
+            async for _, data in frames:
+                yield data
+        except NebulaError as e:
+            yield sse_error(e)
+        finally:
+            # Runs on normal end, on errors and when Starlette cancels us on disconnect.
+            await call.cancel()
+            call.close()
+
+    async def chat(request: Request) -> Response:
+        return await submit(request, Endpoint.CHAT)
+
+    async def completions(request: Request) -> Response:
+        return await submit(request, Endpoint.COMPLETION)
+
+    async def list_models(request: Request) -> Response:
+        data = [
+            Model(id=name, created=int(info.started_at), owned_by=info.owned_by)
+            for name, info in sorted(gw.models.ready_models().items())
+        ]
+        return Response(msgspec.json.encode(ModelList(data=data)), media_type="application/json")
+
+    async def health(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def ready(request: Request) -> Response:
+        if gw.nc.is_connected:
+            return Response(b'{"status":"ready","nats":"connected"}', media_type="application/json")
+        return Response(
+            b'{"status":"not ready","nats":"disconnected"}',
+            status_code=503,
+            media_type="application/json",
+        )
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+
+    app.add_route("/v1/chat/completions", chat, methods=["POST"])
+    app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/models", list_models, methods=["GET"])
+    app.add_route("/health", health, methods=["GET"])
+    app.add_route("/ready", ready, methods=["GET"])
+    app.add_route("/metrics", prometheus, methods=["GET"])
+    app.state.gateway = gw
+    _ = error_response  # re-exported for admin routes
+    return app
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,126 @@
+"""What the gateway knows about models: live workers (heartbeats) and desired models.
+
+Kept in memory from KV watches, so resolving a model costs a dict lookup, not a
+NATS round trip per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import msgspec
+from nats.js.kv import KeyValue
+
+from nebula import subjects
+from nebula.errors import ModelNotFound
+from nebula.natsio import WORKER_LIVE_WINDOW
+from nebula.protocol import ModelSpec, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Seen:
+    info: WorkerInfo
+    at: float
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._workers: dict[str, dict[str, _Seen]] = {}
+        self._desired: dict[str, ModelSpec] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._synced: list[asyncio.Event] = []
+
+    # --- queries -------------------------------------------------------------
+
+    def live_workers(self, model: str) -> list[WorkerInfo]:
+        now = time.monotonic()
+        seen = self._workers.get(model)
+        if not seen:
+            return []
+        return [s.info for s in seen.values() if s.info.ready and now - s.at < WORKER_LIVE_WINDOW]
+
+    def resolve(self, model: str) -> None:
+        """Raise 404 unless the model is desired or has a live worker."""
+        if model in self._desired or self.live_workers(model):
+            return
+        raise ModelNotFound(f"The model `{model}` does not exist or is not loaded.", param="model")
+
+    def ready_models(self) -> dict[str, WorkerInfo]:
+        """Models with at least one live, ready worker -> one of its heartbeats."""
+        out: dict[str, WorkerInfo] = {}
+        for model in list(self._workers):
+            live = self.live_workers(model)
+            if live:
+                out[model] = live[0]
+        return out
+
+    def desired(self) -> dict[str, ModelSpec]:
+        return dict(self._desired)
+
+    # --- watching ----------------------------------------------------------------
+
+    async def watch(self, workers: KeyValue, models: KeyValue | None = None) -> None:
+        """(Re)start the watches and return once the current state has been read."""
+        await self.stop()
+        self._synced = [asyncio.Event()]
+        self._tasks = [asyncio.create_task(self._watch_workers(workers, self._synced[0]))]
+        if models is not None:
+            self._synced.append(asyncio.Event())
+            self._tasks.append(asyncio.create_task(self._watch_models(models, self._synced[1])))
+        for ev in self._synced:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ev.wait(), 5.0)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+
+    async def _watch_workers(self, kv: KeyValue, synced: asyncio.Event) -> None:
+        watcher = await kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    synced.set()
+                    continue
+                model_tok, _, wid = entry.key.partition(".")
+                model = subjects.model_from_token(model_tok)
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self._workers.get(model, {}).pop(wid, None)
+                    continue
+                try:
+                    info = msgspec.json.decode(entry.value, type=WorkerInfo)
+                except msgspec.DecodeError:
+                    continue
+                self._workers.setdefault(model, {})[wid] = _Seen(info, time.monotonic())
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    async def _watch_models(self, kv: KeyValue, synced: asyncio.Event) -> None:
+        watcher = await kv.watchall()
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    synced.set()
+                    continue
+                name = subjects.model_from_token(entry.key)
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self._desired.pop(name, None)
+                    continue
+                try:
+                    self._desired[name] = msgspec.json.decode(entry.value, type=ModelSpec)
+                except msgspec.DecodeError:
+                    continue
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()

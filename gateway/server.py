@@ -1,0 +1,98 @@
+"""Run the gateway on a real uvicorn socket (CLI, `nebula up`, tests, benchmarks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from gateway.app import Gateway, create_app
+from nebula import natsio
+from nebula.settings import GatewaySettings, NatsSettings
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServer:
+    """``async with GatewayServer(...) as s: ... s.base_url``; port 0 picks a free port."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        nats_settings: NatsSettings,
+        *,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.nats_settings = nats_settings
+        self.registry = registry
+        self.hooks = natsio.ReconnectHooks()
+        self.gateway: Gateway | None = None
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.port = settings.port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    async def __aenter__(self) -> GatewayServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        nc = await natsio.connect(self.nats_settings, name="nebula-gateway", on_reconnect=self.hooks)
+        self.gateway = Gateway(
+            self.settings, self.nats_settings, nc, registry=self.registry, hooks=self.hooks
+        )
+        await self.gateway.start()
+        config = uvicorn.Config(
+            create_app(self.gateway),
+            host=self.settings.host,
+            port=self.settings.port,
+            loop="none",  # run on the caller's loop
+            http="httptools",
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,
+            lifespan="off",
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # raises the bind error
+                raise RuntimeError("gateway server exited during start-up")
+            await asyncio.sleep(0.01)
+        sockets = self._server.servers[0].sockets
+        self.port = sockets[0].getsockname()[1]
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        """Stop accepting, let open responses finish (bounded), then leave NATS cleanly."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await self._task
+            self._task = None
+        if self.gateway is not None:
+            gw, self.gateway = self.gateway, None
+            await gw.close()
+            with contextlib.suppress(Exception):
+                await gw.nc.drain()

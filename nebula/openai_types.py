@@ -1,0 +1,97 @@
+"""The OpenAI request shapes Nebula validates, and the response shapes it emits.
+
+Requests are validated with msgspec (type errors name the offending field) but
+forwarded as the original bytes, so fields Nebula does not know (``tools``,
+``response_format``, vendor extensions) reach the engine untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    content: str | list[Any] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    temperature: Temperature | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    model: str
+    prompt: str | list[str | int | list[int]]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    temperature: Temperature | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    echo: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+
+    def limit(self) -> int | None:
+        return self.max_tokens
+
+
+class StreamFlags(msgspec.Struct, kw_only=True):
+    """The two fields a worker needs to frame a job; decoding skips everything else."""
+
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Model(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "nebula"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[Model] = msgspec.field(default_factory=list)
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse(chunk: bytes) -> bytes:
+    return b"data: " + chunk + b"\n\n"

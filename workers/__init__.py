@@ -1,0 +1,1 @@
+"""Node-side processes: engine workers (and, with the control plane, node agents)."""

@@ -1,0 +1,57 @@
+"""The engine protocol every engine kind implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from nebula.openai_types import Usage
+from nebula.protocol import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    request_id: str
+    model: str
+    endpoint: Endpoint
+    body: bytes  # the client's JSON body, untouched
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(slots=True)
+class Output:
+    """One piece of an answer, already in OpenAI JSON.
+
+    Streaming: ``chunk`` is one ``*.chunk`` object (or the usage-only chunk).
+    Not streaming: a single Output whose ``chunk`` is the whole response.
+    """
+
+    chunk: bytes
+    tokens: int = 0
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    running: int
+    waiting: int = 0
+    capacity: int = 0
+
+
+class Engine(Protocol):
+    kind: str
+    owned_by: str
+
+    async def start(self) -> None: ...
+
+    async def health(self) -> bool: ...
+
+    def generate(self, job: Job) -> AsyncIterator[Output]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def load(self) -> EngineLoad: ...
+
+    async def stop(self) -> None: ...
