@@ -22,6 +22,9 @@ from nebula.protocol import ModelSpec, WorkerInfo
 
 log = logging.getLogger(__name__)
 
+# Heartbeats of crashed workers are forgotten after this many seconds.
+FORGET_AFTER = 600.0
+
 
 @dataclass(slots=True)
 class _Seen:
@@ -46,15 +49,23 @@ class ModelRegistry:
         return [s.info for s in seen.values() if s.info.ready and now - s.at < WORKER_LIVE_WINDOW]
 
     def resolve(self, model: str) -> None:
-        """Raise 404 unless the model is desired or has a live worker."""
-        if model in self._desired or self.live_workers(model):
+        """Raise 404 unless the model is desired or a worker announced it.
+
+        A worker that crashed leaves its heartbeat behind: its model stays known
+        (requests get 503 "no ready replica", not 404) until a clean stop or
+        :data:`FORGET_AFTER`.
+        """
+        if model in self._desired or self._workers.get(model):
             return
         raise ModelNotFound(f"The model `{model}` does not exist or is not loaded.", param="model")
 
     def ready_models(self) -> dict[str, WorkerInfo]:
         """Models with at least one live, ready worker -> one of its heartbeats."""
         out: dict[str, WorkerInfo] = {}
-        for model in list(self._workers):
+        now = time.monotonic()
+        for model, seen in list(self._workers.items()):
+            for wid in [w for w, s in seen.items() if now - s.at > FORGET_AFTER]:
+                del seen[wid]
             live = self.live_workers(model)
             if live:
                 out[model] = live[0]

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 # Seconds a heartbeat stays valid: workers/nodes beat every few seconds.
 WORKER_TTL = 15.0
 NODE_TTL = 30.0
-# A worker whose last heartbeat (every <= 2 s) is older than this is not live.
-WORKER_LIVE_WINDOW = 7.0
+# A worker whose last heartbeat (every second) is older than this is not live.
+WORKER_LIVE_WINDOW = 3.5
 
 
 class ReconnectHooks:

@@ -90,7 +90,7 @@ class WorkerSettings:
     batch_tokens: int = 16
     batch_ms: float = 15.0
     keepalive_interval: float = 1.0
-    heartbeat_interval: float = 2.0
+    heartbeat_interval: float = 1.0
     # How long in-flight requests may finish after stop() before they are cancelled.
     drain_timeout: float = 30.0
     labels: dict[str, str] = field(default_factory=dict)
@@ -120,3 +120,32 @@ def _replace(obj, overrides: dict[str, object]):  # type: ignore[no-untyped-def]
 
     clean = {k: v for k, v in overrides.items() if v is not None}
     return replace(obj, **clean) if clean else obj
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchedulerSettings:
+    # binpack: fullest GPU that still fits; spread: emptiest GPU, replicas on distinct nodes.
+    strategy: str = "binpack"
+    # Leader lease: a standby takes over about this long after the leader dies.
+    lease_ttl: float = 3.0
+    # A node whose last heartbeat (local receive time) is older than this is down; node
+    # agents beat every ~2 s, so this allows two missed beats and then some...
+    node_ttl: float = 6.0
+    # ...but its replicas move only after this much longer, so a NATS blip reshuffles nothing.
+    node_grace: float = 10.0
+    # Bursts of KV updates within this window make one reconcile pass.
+    debounce: float = 0.05
+    # Placement writes in flight at once (pipelined, each acked by JetStream).
+    max_inflight_writes: int = 256
+    # Value of the leader key; defaults to host-pid-random.
+    scheduler_id: str | None = None
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> SchedulerSettings:
+        base = cls(
+            strategy=_env("SCHEDULER_STRATEGY", "binpack"),
+            lease_ttl=float(_env("LEASE_TTL", "3")),
+            node_ttl=float(_env("NODE_TTL", "6")),
+            node_grace=float(_env("NODE_GRACE", "10")),
+        )
+        return _replace(base, overrides)

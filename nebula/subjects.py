@@ -162,3 +162,16 @@ H_KIND = "Nebula-Kind"  # start | data | keepalive | end | error
 H_SEQ = "Nebula-Seq"
 H_WORKER = "Nebula-Worker"
 H_STATUS = "Nebula-Status"  # HTTP status carried by an error frame
+
+
+def model_from_key(key: str) -> str:
+    return model_from_token(key)
+
+
+def node_from_key(key: str) -> str:
+    return model_from_token(key)
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject a KV put/delete of ``key`` is published on (core subscribers see every write)."""
+    return f"$KV.{bucket}.{key}"

@@ -6,16 +6,30 @@ JetStream state starts its own server with :func:`fresh_nats`.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from openai import AsyncOpenAI
+
+from gateway.server import GatewayServer
 
 from nebula import natsio
 from nebula.embedded import EmbeddedNats
-from nebula.settings import EmbeddedNatsSettings, NatsSettings
+from nebula.settings import (
+    EmbeddedNatsSettings,
+    GatewaySettings,
+    NatsSettings,
+    SimSettings,
+    WorkerSettings,
+)
+from workers.engines.sim import SimEngine
+from workers.runner import WorkerProcess
+from workers.worker import Worker
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +64,35 @@ async def fresh_nats(tmp: Path, port: int = 0) -> EmbeddedNats:
     server = EmbeddedNats(EmbeddedNatsSettings(port=port, store_dir=tmp), log_file=tmp / "nats.log")
     await server.start()
     return server
+
+
+class Fabric:
+    """Builds gateways and workers for one test and stops them all afterwards."""
+
+    def __init__(self, stack: contextlib.AsyncExitStack, nats: NatsSettings) -> None:
+        self.stack = stack
+        self.nats = nats
+
+    async def gateway(self, **settings: Any) -> GatewayServer:
+        gs = GatewaySettings(**{"port": 0, "dispatch_timeout": 5.0, **settings})
+        return await self.stack.enter_async_context(GatewayServer(gs, self.nats))
+
+    async def worker(
+        self, model: str, *, max_concurrency: int = 8, worker: dict[str, Any] | None = None,
+        **sim: Any,
+    ) -> Worker:
+        engine = SimEngine(SimSettings(max_concurrency=max_concurrency, **sim))
+        ws = WorkerSettings(model=model, max_concurrency=max_concurrency, **(worker or {}))
+        wp = await self.stack.enter_async_context(WorkerProcess(ws, self.nats, engine))
+        assert wp.worker is not None
+        return wp.worker
+
+    async def client(self, gw: GatewayServer, **kw: Any) -> AsyncOpenAI:
+        c = AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="none", max_retries=0, **kw)
+        return await self.stack.enter_async_context(c)
+
+
+@pytest.fixture
+async def fabric(nats_settings: NatsSettings) -> AsyncIterator[Fabric]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield Fabric(stack, nats_settings)

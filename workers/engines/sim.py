@@ -116,9 +116,8 @@ class SimEngine:
                     piece = b'{"content":' + _enc(w) + b"}" if chat else _enc(w)
                     yield Output(chunk=head + piece + tail, tokens=1)
                 last = b"{}" if chat else b'""'
-                yield Output(
-                    chunk=head + last + tail.replace(b"null", _enc(finish), 1), usage=usage
-                )
+                final_tail = b',"logprobs":null,"finish_reason":' + _enc(finish) + b"}]}"
+                yield Output(chunk=head + last + final_tail, usage=usage)
                 if job.include_usage:
                     yield Output(chunk=_usage_chunk(chat, rid, created, job.model, usage))
             finally:

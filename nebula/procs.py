@@ -1,0 +1,76 @@
+"""Child processes: started with a parent-death signal, stopped in order, never left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def nebula_argv(*args: str) -> list[str]:
+    """The command line of a Nebula subcommand run by this same interpreter."""
+    return [sys.executable, "-m", "nebula.cli", *args]
+
+
+async def spawn(
+    argv: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+) -> asyncio.subprocess.Process:
+    """Own session (so a terminal's Ctrl-C reaches only the parent, which stops children
+    in order) and a parent-death signal (so a killed parent leaves no orphans)."""
+    out: IO[bytes] | None = open(log_file, "ab") if log_file else None  # noqa: SIM115
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+    finally:
+        if out is not None:
+            out.close()
+
+
+async def stop(proc: asyncio.subprocess.Process, timeout: float = 15.0) -> int:
+    """SIGTERM, wait (the child drains), then SIGKILL."""
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    return proc.returncode or 0
+
+
+async def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop_event)``; SIGINT/SIGTERM set the event so main can shut down in order."""
+    stop_event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_event.set)
+    try:
+        await main(stop_event)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

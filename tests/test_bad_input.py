@@ -1,0 +1,190 @@
+"""Every bad input and overload path gets the right status and an OpenAI error body."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import httpx
+import openai
+import pytest
+
+from nebula.settings import NatsSettings
+from tests.conftest import Fabric
+
+MSG = [{"role": "user", "content": "hello"}]
+
+
+def _error(r: httpx.Response) -> dict[str, object]:
+    body = r.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert isinstance(err, dict) and err["message"] and err["type"]
+    return err
+
+
+@pytest.fixture
+async def http(fabric: Fabric, unique: str) -> httpx.AsyncClient:
+    gw = await fabric.gateway()
+    await fabric.worker(f"bad-{unique}")
+    return await fabric.stack.enter_async_context(httpx.AsyncClient(base_url=gw.base_url))
+
+
+async def test_malformed_json(http: httpx.AsyncClient) -> None:
+    r = await http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                        headers={"Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert "not valid JSON" in str(_error(r)["message"])
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MSG}, "model"),
+        ({"model": "m"}, "messages"),
+        ({"model": 5, "messages": MSG}, "model"),
+        ({"model": "m", "messages": "hi"}, "messages"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"model": "m", "messages": [{"role": 1, "content": "x"}]}, "messages[0].role"),
+        ({"model": "m", "messages": MSG, "stream": "yes"}, "stream"),
+        ({"model": "m", "messages": MSG, "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "messages": MSG, "temperature": 9}, "temperature"),
+    ],
+)
+async def test_invalid_fields_name_param(
+    http: httpx.AsyncClient, body: dict[str, object], param: str
+) -> None:
+    r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = _error(r)
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error"
+
+
+async def test_completions_missing_prompt(http: httpx.AsyncClient) -> None:
+    r = await http.post("/v1/completions", json={"model": "m"})
+    assert r.status_code == 400 and _error(r)["param"] == "prompt"
+
+
+async def test_not_an_object(http: httpx.AsyncClient) -> None:
+    r = await http.post("/v1/chat/completions", json=[1, 2])
+    assert r.status_code == 400
+
+
+async def test_unknown_model_404(fabric: Fabric, unique: str) -> None:
+    gw = await fabric.gateway()
+    client = await fabric.client(gw)
+    with pytest.raises(openai.NotFoundError) as e:
+        await client.chat.completions.create(model=f"nope-{unique}", messages=MSG)
+    assert e.value.code == "model_not_found"
+
+
+async def test_unknown_route_is_openai_shaped(http: httpx.AsyncClient) -> None:
+    r = await http.get("/v1/nothing-here")
+    assert r.status_code == 404 and _error(r)
+
+
+async def test_oversized_body_413_with_openai_client(fabric: Fabric, unique: str) -> None:
+    gw = await fabric.gateway(max_body_bytes=1024 * 1024)
+    await fabric.worker(f"big-{unique}")
+    client = await fabric.client(gw)
+    huge = [{"role": "user", "content": "x" * (2 * 1024 * 1024)}]
+    with pytest.raises(openai.APIStatusError) as e:
+        await client.chat.completions.create(model=f"big-{unique}", messages=huge)
+    assert e.value.status_code == 413
+    assert "limit" in e.value.message
+
+
+async def test_oversized_chunked_body_413(fabric: Fabric, unique: str) -> None:
+    gw = await fabric.gateway(max_body_bytes=64 * 1024)
+
+    async def body():  # type: ignore[no-untyped-def]
+        for _ in range(100):
+            yield b"x" * 4096
+
+    async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        r = await http.post("/v1/chat/completions", content=body())
+    assert r.status_code == 413 and _error(r)["type"] == "invalid_request_error"
+
+
+async def test_body_within_default_limit_is_served(fabric: Fabric, unique: str) -> None:
+    """A 6 MiB prompt (under the 8 MiB default) crosses NATS as one job."""
+    gw = await fabric.gateway()
+    await fabric.worker(f"large-{unique}")
+    client = await fabric.client(gw)
+    big = [{"role": "user", "content": "word " * (6 * 1024 * 1024 // 5)}]
+    r = await client.chat.completions.create(model=f"large-{unique}", messages=big)
+    assert r.usage is not None and r.usage.prompt_tokens > 1_000_000
+
+
+async def test_queue_full_429_with_retry_after(fabric: Fabric, unique: str) -> None:
+    model = f"q-{unique}"
+    gw = await fabric.gateway(max_queue=2, dispatch_timeout=20)
+    worker = await fabric.worker(model, max_concurrency=1, ttft_ms=1500)
+    client = await fabric.client(gw)
+
+    def send() -> asyncio.Task[object]:
+        return asyncio.create_task(client.chat.completions.create(model=model, messages=MSG))
+
+    # One running, two waiting: the queue is full.
+    running = [send()]
+    while worker.inflight == 0:
+        await asyncio.sleep(0.01)
+    running += [send(), send()]
+    await asyncio.sleep(0.3)
+    async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        r = await http.post("/v1/chat/completions", json={"model": model, "messages": MSG})
+    assert r.status_code == 429
+    assert int(r.headers["Retry-After"]) >= 1
+    assert _error(r)["code"] == "queue_full"
+    done = await asyncio.gather(*running)  # nothing queued was lost
+    assert len(done) == 3
+
+
+async def test_deadline_in_queue_504_and_never_run(fabric: Fabric, unique: str) -> None:
+    model = f"dl-{unique}"
+    gw = await fabric.gateway(dispatch_timeout=1.0)
+    worker = await fabric.worker(model, max_concurrency=1, ttft_ms=2500)
+    client = await fabric.client(gw)
+    first = asyncio.create_task(client.chat.completions.create(model=model, messages=MSG))
+    await asyncio.sleep(0.2)
+    with pytest.raises(openai.APIStatusError) as e:
+        await client.chat.completions.create(model=model, messages=MSG)
+    assert e.value.status_code == 504
+    await first
+    await asyncio.sleep(0.5)  # the slot is free again: a withdrawn job would start now
+    assert worker.jobs_started == 1
+
+
+async def test_no_ready_replica_503(fabric: Fabric, nats_settings: NatsSettings, unique: str) -> None:
+    """A worker process dies (SIGKILL); its model is known but has no live replica."""
+    model = f"dead-{unique}"
+    gw = await fabric.gateway(dispatch_timeout=1.0)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nebula.cli", "worker", "--model", model,
+        "--nats-url", nats_settings.url,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+    client = await fabric.client(gw)
+    try:
+        for _ in range(100):
+            if model in {m.id async for m in client.models.list()}:
+                break
+            await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        for _ in range(100):
+            if model not in {m.id async for m in client.models.list()}:
+                break
+            await asyncio.sleep(0.1)
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.chat.completions.create(model=model, messages=MSG)
+        assert e.value.status_code == 503
+        assert model in e.value.message
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
