@@ -228,6 +228,12 @@ class Dispatcher:
             subjects.H_ATTEMPT: str(call.attempt),
         }
         subject = subjects.req_subject(call.model)
+        if not self.nc.is_connected:
+            # Fail fast while NATS is away: the client can retry, nothing waits blind.
+            raise Unavailable(
+                "the message broker is unreachable; retry shortly",
+                retry_after=self.settings.retry_after,
+            )
         for retry in (True, False):
             try:
                 ack = await self.js.publish(subject, call.body, headers=headers, timeout=5.0)

@@ -94,5 +94,4 @@ class GatewayServer:
         if self.gateway is not None:
             gw, self.gateway = self.gateway, None
             await gw.close()
-            with contextlib.suppress(Exception):
-                await gw.nc.drain()
+            await natsio.close_connection(gw.nc)

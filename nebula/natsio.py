@@ -166,3 +166,15 @@ async def workers_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyVal
 
 async def models_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
     return await ensure_bucket(js, settings, subjects.MODELS_BUCKET)
+
+
+async def close_connection(nc: Client) -> None:
+    """Drain when connected (deliver what is buffered), otherwise just close."""
+    try:
+        if nc.is_connected:
+            await nc.drain()
+            return
+    except Exception as e:
+        log.debug("drain failed: %s", e)
+    with contextlib.suppress(Exception):
+        await nc.close()

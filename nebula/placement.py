@@ -26,6 +26,8 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TypeVar
 
 import msgspec
 
@@ -34,6 +36,10 @@ from nebula.protocol import ModelSpec, NodeInfo, Placement, PlacementState
 
 PlacementKey = tuple[str, int]
 Selector = frozenset[tuple[str, str]]
+
+_K = TypeVar("_K", bound=tuple[int, ...])
+
+_NOTHING: Mapping[PlacementKey, Placement] = MappingProxyType({})
 
 STRATEGIES = ("binpack", "spread")
 UNITS = 10_000  # one GPU
@@ -89,9 +95,8 @@ class _Group:
         self.cpus: list[tuple[int, int]] = []  # (count, rank): least busy first
 
 
-def _remove(items: list[tuple[int, ...]], key: tuple[int, ...]) -> None:
-    i = bisect_left(items, key)
-    del items[i]
+def _remove(items: list[_K], key: _K) -> None:
+    del items[bisect_left(items, key)]
 
 
 class _Cluster:
@@ -205,7 +210,7 @@ class _Cluster:
         if g is not None:
             self.free[g] -= units
         for grp in groups:
-            for x, key in zip(moved, old):
+            for x, key in zip(moved, old, strict=True):
                 _remove(grp.gpus, key)
                 insort(grp.gpus, self.gpu_key(x))
             _remove(grp.cpus, old_cpu)
@@ -231,7 +236,7 @@ class _Cluster:
 def plan(
     models: Mapping[str, ModelSpec],
     nodes: Mapping[str, NodeInfo],
-    placements: Mapping[PlacementKey, Placement],
+    placements: Mapping[PlacementKey, Placement] = _NOTHING,
     *,
     strategy: str = "binpack",
     grace_nodes: Collection[str] = (),
@@ -342,7 +347,11 @@ def plan(
             result[key] = old
             continue
         q = Placement(
-            model=key[0], replica=key[1], state=PlacementState.PENDING, reason=reason, updated_at=now
+            model=key[0],
+            replica=key[1],
+            state=PlacementState.PENDING,
+            reason=reason,
+            updated_at=now,
         )
         result[key] = changed[key] = q
 

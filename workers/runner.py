@@ -84,5 +84,5 @@ class WorkerProcess:
         if self.worker is not None:
             w, self.worker = self.worker, None
             await w.close()
-            await w.nc.drain()
+            await natsio.close_connection(w.nc)
         await self.engine.stop()

@@ -97,6 +97,8 @@ class Worker:
         self.jobs_started = 0
         self.jobs_cancelled = 0
         self.jobs_expired = 0
+        self.peak_inflight = 0
+        self._last_repair = 0.0
         self._started_at = time.time()
         self._hdr_base = {subjects.H_WORKER: self.worker_id}
 
@@ -224,20 +226,34 @@ class Worker:
         reply = hdrs.get(subjects.H_REPLY, "")
         job = _InFlight(request_id=rid, reply=reply, last_sent=time.monotonic())
         self._inflight[rid] = job
+        self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         self._idle.clear()
         job.task = asyncio.create_task(self._run(job, msg))
 
     async def _on_status(self, status: str, hdrs: dict[str, str]) -> None:
         if status == "100":  # idle heartbeat
             return
-        if status in ("408", "409"):
-            # The oldest pull request ended (expired, or refused): forget what it still owed.
+        if status in ("408", "409", "503"):
+            # The oldest pull request ended (expired, refused, or nobody answered it):
+            # forget what it still owed.
             if self._pulls:
                 self._pulls.popleft()
-            if "Consumer Deleted" in hdrs.get("Description", ""):
-                with contextlib.suppress(Exception):
-                    await self._ensure_consumer()
+            if status == "503" or "Consumer Deleted" in hdrs.get("Description", ""):
+                await self._repair()
         await self._refill()
+
+    async def _repair(self) -> None:
+        """Re-create the stream and consumer (memory storage dies with a NATS restart)."""
+        now = time.monotonic()
+        if now - self._last_repair < 1.0:
+            return
+        self._last_repair = now
+        try:
+            js = self.nc.jetstream()
+            await natsio.ensure_request_stream(js, self.nats_settings, max_queue=None)
+            await self._ensure_consumer()
+        except Exception as e:
+            log.warning("could not re-create the queue for %r: %s", self.model, e)
 
     async def _on_cancel(self, msg: Msg) -> None:
         job = self._inflight.get(msg.data.decode())
@@ -400,6 +416,6 @@ class Worker:
     async def on_reconnect(self) -> None:
         """Pull requests die with the connection: forget them and ask again."""
         self._pulls.clear()
-        with contextlib.suppress(Exception):
-            await self._ensure_consumer()
+        self._last_repair = 0.0
+        await self._repair()
         await self._refill()

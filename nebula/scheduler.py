@@ -1,0 +1,629 @@
+"""The scheduler: reconciles desired models x replicas against live nodes.
+
+Several may run; one leads through a lease in the leader bucket (its TTL is the
+lease TTL). The leader ``create``\\s the key, then refreshes it with
+``update(last=revision)`` every third of the TTL; a standby retries ``create``
+until the key expires or is deleted (a clean close deletes it, so the standby
+takes over at once).
+
+The leader watches models, nodes and placements, keeps the whole view in memory,
+rebuilds it from KV whenever it becomes leader or NATS reconnects, and after each
+burst of changes (debounced) runs :func:`nebula.placement.plan` and writes only
+what changed. Writes are optimistic (``update`` with the revision it saw), so a
+node agent's state changes are never clobbered: on conflict the scheduler
+re-reads the key and plans again.
+
+A node is down when its heartbeat is older than ``node_ttl`` (by local receive
+time, so clocks need not agree) or its key was deleted. Its replicas stay put for
+``node_grace`` longer and only then move, so a short blip reshuffles nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+
+from nebula import natsio, subjects
+from nebula.errors import Unavailable
+from nebula.placement import PlacementKey, check_strategy, plan
+from nebula.protocol import ModelSpec, NodeInfo, Placement
+from nebula.settings import NatsSettings, SchedulerSettings
+
+log = logging.getLogger(__name__)
+
+# JetStream error codes for a failed expected-last-sequence check.
+_WRONG_LAST = (10071, 10164)
+
+
+class SchedulerState(enum.StrEnum):
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass
+class SchedulerStats:
+    elections: int = 0  # times this instance became leader
+    resyncs: int = 0  # view rebuilt from KV (leadership, reconnect, watcher loss)
+    passes: int = 0  # reconcile passes
+    writes: int = 0  # placements put
+    deletes: int = 0  # placements deleted
+    conflicts: int = 0  # writes refused because someone else wrote first
+    errors: int = 0  # writes that failed otherwise (NATS down)
+    last_plan_s: float = 0.0
+
+
+class _Resync(Exception):
+    """The view may have missed updates (reconnect, watcher gone): rebuild it."""
+
+
+class _NodeView:
+    __slots__ = ("deleted", "down_since", "info", "last_seen")
+
+    def __init__(self, info: NodeInfo | None, last_seen: float, down_since: float | None) -> None:
+        self.info = info
+        self.last_seen = last_seen
+        self.deleted = False
+        self.down_since = down_since  # set when deleted or never heard of
+
+
+def _shape(info: NodeInfo | None) -> object:
+    """What placement looks at: heartbeats that change only load trigger no pass."""
+    if info is None:
+        return None
+    return (tuple(sorted(g.index for g in info.gpus)), tuple(sorted(info.labels.items())))
+
+
+def _is_delete(op: str | None) -> bool:
+    return op in (KV_DEL, KV_PURGE)
+
+
+def _default_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Scheduler:
+    """``async with Scheduler(nc, settings) as s: await s.run()``.
+
+    ``nc`` is a connected client (reconnecting by itself, see
+    :func:`nebula.natsio.connect`); the scheduler never closes it.
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        settings: SchedulerSettings | None = None,
+        *,
+        nats_settings: NatsSettings | None = None,
+    ) -> None:
+        self.settings = settings or SchedulerSettings()
+        check_strategy(self.settings.strategy)
+        self.nc = nc
+        self.nats_settings = nats_settings or NatsSettings()
+        self.scheduler_id = self.settings.scheduler_id or _default_id()
+        self.stats = SchedulerStats()
+        self._state = SchedulerState.NEW
+        self._leader = False
+        self._leader_id: str | None = None  # last holder seen on the leader key
+        self._lease_rev = 0
+        self._lease_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._lease_sub: Subscription | None = None
+        self._closed = asyncio.Event()
+        ttl = self.settings.lease_ttl
+        self._lease_js = nc.jetstream(timeout=max(ttl / 3, 0.2))
+        self._js = nc.jetstream()
+        self._lease_kv: KeyValue | None = None
+        self._models_kv: KeyValue | None = None
+        self._nodes_kv: KeyValue | None = None
+        self._placements_kv: KeyValue | None = None
+        # The view (leader only), rebuilt from KV on every session.
+        self._models: dict[str, ModelSpec] = {}
+        self._nodes: dict[str, _NodeView] = {}
+        self._placements: dict[PlacementKey, Placement] = {}
+        self._revs: dict[PlacementKey, int] = {}  # last revision seen per key, tombstones too
+        self._synced: set[str] = set()
+        self._dirty = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._leading = asyncio.Event()
+        self._node_sig: object = None
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    @property
+    def state(self) -> SchedulerState:
+        return self._state
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    @property
+    def leader_id(self) -> str | None:
+        """Who holds the lease as far as this instance last saw (``None``: nobody)."""
+        return self.scheduler_id if self._leader else self._leader_id
+
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        if self._state is not SchedulerState.NEW:
+            return
+        s = self.nats_settings
+        try:
+            # Lease calls time out fast: a refresh stuck longer than ttl/3 is a failed one.
+            self._lease_kv = await natsio.ensure_bucket(
+                self._lease_js, s, subjects.LEADER_BUCKET, ttl=self.settings.lease_ttl
+            )
+            self._models_kv = await natsio.ensure_bucket(self._js, s, subjects.MODELS_BUCKET)
+            self._placements_kv = await natsio.ensure_bucket(
+                self._js, s, subjects.PLACEMENTS_BUCKET
+            )
+            self._nodes_kv = await natsio.ensure_bucket(
+                self._js, s, subjects.NODES_BUCKET, ttl=natsio.NODE_TTL
+            )
+            status = await self._lease_kv.status()
+            if status.ttl is not None and abs(status.ttl - self.settings.lease_ttl) > 0.01:
+                log.warning(
+                    "leader bucket has TTL %.1fs, not the configured lease TTL %.1fs: "
+                    "failover takes that long",
+                    status.ttl,
+                    self.settings.lease_ttl,
+                )
+            # Every write to the leader key, seen live: a standby learns at once that
+            # the key is gone instead of waiting for its next poll.
+            self._lease_sub = await self.nc.subscribe(
+                subjects.kv_subject(subjects.LEADER_BUCKET, subjects.LEADER_KEY),
+                cb=self._on_lease_msg,
+            )
+        except (TimeoutError, NatsError) as e:
+            raise Unavailable(f"scheduler cannot set up its KV buckets: {e}") from e
+        self._state = SchedulerState.RUNNING
+        self._task = asyncio.create_task(self._election_loop(), name="scheduler-election")
+
+    async def run(self) -> None:
+        """Serve until :meth:`close` (elections and reconciling run in the background)."""
+        await self.start()
+        assert self._task is not None
+        closed = asyncio.create_task(self._closed.wait())
+        try:
+            await asyncio.wait({self._task, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+        if self._task.done() and not self._task.cancelled():
+            exc = self._task.exception()
+            if exc is not None:
+                raise exc
+
+    async def close(self) -> None:
+        """Stop leading and hand the lease over at once. Safe to call twice."""
+        if self._state is SchedulerState.CLOSED:
+            return
+        if self._state is SchedulerState.CLOSING:
+            await self._closed.wait()
+            return
+        self._state = SchedulerState.CLOSING
+        was_leader, rev = self._leader, self._lease_rev
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if was_leader and self._lease_kv is not None and self.nc.is_connected:
+            # Only our own revision: never delete a successor's lease.
+            with contextlib.suppress(TimeoutError, NatsError):
+                await asyncio.wait_for(
+                    self._lease_kv.delete(subjects.LEADER_KEY, last=rev), self.settings.lease_ttl
+                )
+        if self._lease_sub is not None:
+            with contextlib.suppress(NatsError):
+                await self._lease_sub.unsubscribe()
+        self._state = SchedulerState.CLOSED
+        self._closed.set()
+
+    async def wait_leader(self) -> None:
+        """Until this instance leads (bound it with ``asyncio.timeout``)."""
+        await self._leading.wait()
+
+    async def wait_idle(self) -> None:
+        """Until this instance leads, its view is complete, and no pass is due or running.
+
+        Nodes in their grace period may still trigger a pass later.
+        """
+        await self._idle.wait()
+
+    # --- leader election ---------------------------------------------------------
+
+    async def _on_lease_msg(self, msg: Msg) -> None:
+        op = msg.headers.get(KV_OP) if msg.headers else None
+        if _is_delete(op):
+            self._leader_id = None
+            self._lease_event.set()
+        else:
+            self._leader_id = msg.data.decode(errors="replace")
+
+    async def _election_loop(self) -> None:
+        assert self._lease_kv is not None
+        ttl = self.settings.lease_ttl
+        poll = min(0.25, ttl / 6)
+        me = self.scheduler_id.encode()
+        while True:
+            self._lease_event.clear()
+            sent = time.monotonic()
+            try:
+                rev = await asyncio.wait_for(self._lease_kv.create(subjects.LEADER_KEY, me), ttl)
+            except KeyWrongLastSequenceError:
+                # Someone holds it: wait for a delete we see live, or poll for expiry
+                # (expiry by max age publishes nothing).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lease_event.wait(), poll)
+                continue
+            except (TimeoutError, NatsError) as e:
+                log.debug("scheduler %s: lease attempt failed: %s", self.scheduler_id, e)
+                await asyncio.sleep(poll)
+                continue
+            self._lease_rev = rev
+            await self._lead(sent)
+
+    async def _lead(self, acquired_at: float) -> None:
+        self._leader = True
+        self._leading.set()
+        self.stats.elections += 1
+        log.warning("scheduler %s: leading", self.scheduler_id)
+        work = asyncio.create_task(self._leader_work(), name="scheduler-leader")
+        hold = asyncio.create_task(self._hold_lease(acquired_at), name="scheduler-lease")
+        try:
+            await asyncio.wait({work, hold}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._leader = False
+            self._leading.clear()
+            self._idle.clear()
+            for t in (work, hold):
+                t.cancel()
+            for t in (work, hold):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            if self._state is SchedulerState.RUNNING:
+                log.warning("scheduler %s: no longer leading", self.scheduler_id)
+
+    async def _hold_lease(self, acquired_at: float) -> None:
+        """Refresh the lease every ttl/3; return (step down) once it may have lapsed."""
+        assert self._lease_kv is not None
+        ttl = self.settings.lease_ttl
+        me = self.scheduler_id.encode()
+        last_ok = acquired_at
+        wait = ttl / 3
+        while True:
+            await asyncio.sleep(wait)
+            sent = time.monotonic()
+            try:
+                self._lease_rev = await self._lease_kv.update(
+                    subjects.LEADER_KEY, me, last=self._lease_rev
+                )
+                last_ok, wait = sent, ttl / 3
+                continue
+            except KeyWrongLastSequenceError:
+                # An update that timed out may still have landed: the key is ours if it says so.
+                with contextlib.suppress(TimeoutError, NatsError):
+                    entry = await self._lease_kv.get(subjects.LEADER_KEY)
+                    if entry.value == me and entry.revision is not None:
+                        self._lease_rev = entry.revision
+                        continue
+                log.warning("scheduler %s: lease taken over", self.scheduler_id)
+                return
+            except (TimeoutError, NatsError) as e:
+                log.debug("scheduler %s: lease refresh failed: %s", self.scheduler_id, e)
+            # Step down before a standby may see the lease expire (it counts from `last_ok`
+            # at the earliest): two leaders must never write at once.
+            if time.monotonic() - last_ok >= ttl * 0.75:
+                log.warning("scheduler %s: lease lapsed (NATS unreachable)", self.scheduler_id)
+                return
+            wait = min(ttl / 10, 0.25)
+
+    # --- the leader's view -------------------------------------------------------
+
+    async def _leader_work(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._session()
+            except _Resync as e:
+                log.info("scheduler %s: rebuilding view: %s", self.scheduler_id, e)
+                backoff = 0.1
+            except (TimeoutError, NatsError) as e:
+                log.warning("scheduler %s: view lost (%s), rebuilding", self.scheduler_id, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def _session(self) -> None:
+        """Watch the three buckets and reconcile until the view may be stale."""
+        assert self._models_kv and self._nodes_kv and self._placements_kv
+        self.stats.resyncs += 1
+        self._models.clear()
+        self._nodes.clear()
+        self._placements.clear()
+        self._revs.clear()
+        self._synced.clear()
+        self._node_sig = None
+        self._idle.clear()
+        self._dirty.set()
+        reconnects = self.nc.stats["reconnects"]
+        watched: list[tuple[str, KeyValue, Callable[[KeyValue.Entry], None]]] = [
+            (subjects.MODELS_BUCKET, self._models_kv, self._on_model),
+            (subjects.NODES_BUCKET, self._nodes_kv, self._on_node),
+            (subjects.PLACEMENTS_BUCKET, self._placements_kv, self._on_placement),
+        ]
+        watchers: list[KeyValue.KeyWatcher] = []
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for name, kv, handler in watched:
+                w = await kv.watchall()
+                watchers.append(w)
+                tasks.append(asyncio.create_task(self._consume(name, w, handler)))
+            tasks.append(asyncio.create_task(self._reconcile_loop()))
+            tasks.append(asyncio.create_task(self._tick_loop(reconnects)))
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for t in done:
+                t.result()  # raises what ended the session
+            raise _Resync("a session task ended")
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+            for w in watchers:
+                with contextlib.suppress(Exception):
+                    await w.stop()
+
+    async def _consume(
+        self, name: str, watcher: KeyValue.KeyWatcher, handler: Callable[[KeyValue.Entry], None]
+    ) -> None:
+        async for entry in watcher:
+            if entry is None:  # the initial snapshot is complete
+                self._synced.add(name)
+                self._mark_dirty()
+                continue
+            try:
+                handler(entry)
+            except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as e:
+                log.warning("scheduler: ignoring bad %s entry %r: %s", name, entry.key, e)
+        raise _Resync(f"{name} watcher stopped")
+
+    def _mark_dirty(self) -> None:
+        self._dirty.set()
+        self._idle.clear()
+
+    def _on_model(self, entry: KeyValue.Entry) -> None:
+        name = subjects.model_from_key(entry.key)
+        if _is_delete(entry.operation):
+            if self._models.pop(name, None) is not None:
+                self._mark_dirty()
+            return
+        spec = msgspec.json.decode(entry.value or b"", type=ModelSpec)
+        if spec.name != name:
+            raise ValueError(f"model key {entry.key!r} holds model {spec.name!r}")
+        if self._models.get(name) != spec:
+            self._models[name] = spec
+            self._mark_dirty()
+
+    def _on_node(self, entry: KeyValue.Entry) -> None:
+        node_id = subjects.node_from_key(entry.key)
+        now = time.monotonic()
+        nv = self._nodes.get(node_id)
+        if _is_delete(entry.operation):
+            if nv is not None and not nv.deleted:
+                nv.deleted = True
+                nv.down_since = now
+                self._mark_dirty()
+            return
+        info = msgspec.json.decode(entry.value or b"", type=NodeInfo)
+        if nv is None:
+            self._nodes[node_id] = _NodeView(info, now, None)
+            self._mark_dirty()
+            return
+        if not self._alive(nv, now) or _shape(nv.info) != _shape(info):
+            self._mark_dirty()
+        nv.info, nv.last_seen, nv.deleted, nv.down_since = info, now, False, None
+
+    def _on_placement(self, entry: KeyValue.Entry) -> None:
+        key = subjects.placement_key_parts(entry.key)
+        rev = entry.revision or 0
+        if rev <= self._revs.get(key, 0):
+            return  # our own write, already applied when it was acked
+        self._revs[key] = rev
+        if _is_delete(entry.operation):
+            if self._placements.pop(key, None) is not None:
+                self._mark_dirty()
+            return
+        p = msgspec.json.decode(entry.value or b"", type=Placement)
+        if self._placements.get(key) != p:
+            self._placements[key] = p
+            self._mark_dirty()
+
+    # --- node liveness -----------------------------------------------------------
+
+    def _alive(self, nv: _NodeView, now: float) -> bool:
+        return (
+            nv.info is not None and not nv.deleted and now - nv.last_seen <= self.settings.node_ttl
+        )
+
+    def _classify(self, now: float) -> tuple[dict[str, NodeInfo], set[str], set[str]]:
+        """Live nodes, nodes in their grace period, and dead ones."""
+        live: dict[str, NodeInfo] = {}
+        grace: set[str] = set()
+        dead: set[str] = set()
+        for node_id, nv in self._nodes.items():
+            if self._alive(nv, now):
+                assert nv.info is not None
+                live[node_id] = nv.info
+                continue
+            down = nv.down_since
+            if down is None:
+                down = nv.last_seen + self.settings.node_ttl
+            (grace if now < down + self.settings.node_grace else dead).add(node_id)
+        return live, grace, dead
+
+    def _signature(self, now: float) -> object:
+        _, grace, dead = self._classify(now)
+        return (frozenset(grace), frozenset(dead))
+
+    async def _tick_loop(self, reconnects: int) -> None:
+        s = self.settings
+        tick = max(0.02, min(0.25, s.node_ttl / 4, s.node_grace / 4))
+        while True:
+            await asyncio.sleep(tick)
+            if self.nc.stats["reconnects"] != reconnects:
+                raise _Resync("reconnected to NATS")
+            if len(self._synced) == 3 and self._signature(time.monotonic()) != self._node_sig:
+                self._mark_dirty()
+
+    # --- reconciling -------------------------------------------------------------
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(self.settings.debounce)
+            if len(self._synced) < 3 or not self.nc.is_connected:
+                await asyncio.sleep(self.settings.debounce)
+                continue
+            self._dirty.clear()
+            ok = await self._reconcile_once()
+            self.stats.passes += 1
+            if not ok:
+                self._mark_dirty()
+                await asyncio.sleep(0.5)  # NATS trouble: do not spin
+            elif not self._dirty.is_set():
+                self._idle.set()
+
+    async def _reconcile_once(self) -> bool:
+        now = time.monotonic()
+        # A node some placement names but that never beat in this view (died while
+        # there was no leader, or before a NATS restart): its grace starts now.
+        for p in self._placements.values():
+            if p.node_id is not None and p.node_id not in self._nodes:
+                self._nodes[p.node_id] = _NodeView(None, now, now)
+        live, grace, dead = self._classify(now)
+        self._node_sig = (frozenset(grace), frozenset(dead))
+        t0 = time.perf_counter()
+        result = plan(
+            self._models,
+            live,
+            self._placements,
+            strategy=self.settings.strategy,
+            grace_nodes=grace,
+            now=time.time(),
+        )
+        self.stats.last_plan_s = time.perf_counter() - t0
+        ops: list[tuple[PlacementKey, Placement | None]] = list(result.changed.items())
+        ops += [(key, None) for key in result.deleted]
+        ok = await self._apply(ops) if ops else True
+        if dead:
+            referenced = {p.node_id for p in self._placements.values()}
+            for node_id in dead - referenced:
+                del self._nodes[node_id]
+            self._node_sig = self._signature(now)
+        return ok
+
+    async def _apply(self, ops: list[tuple[PlacementKey, Placement | None]]) -> bool:
+        """Pipelined writes: a bounded number in flight, each acked by JetStream."""
+        ok = True
+        pending = iter(ops)
+
+        async def writer() -> None:
+            nonlocal ok
+            for key, p in pending:
+                if not await self._write(key, p):
+                    ok = False
+
+        n = min(self.settings.max_inflight_writes, len(ops))
+        await asyncio.gather(*(writer() for _ in range(n)))
+        return ok
+
+    async def _write(self, key: PlacementKey, p: Placement | None) -> bool:
+        kv = self._placements_kv
+        assert kv is not None
+        kv_key = subjects.placement_key(*key)
+        rev = self._revs.get(key, 0)
+        try:
+            if p is None:
+                await kv.delete(kv_key, last=rev)
+                self._placements.pop(key, None)
+                self.stats.deletes += 1
+                return True
+            data = msgspec.json.encode(p)
+            try:
+                new_rev = await kv.update(kv_key, data, last=rev)
+            except KeyWrongLastSequenceError:
+                if key in self._placements:
+                    raise
+                # We believed it absent; a tombstone we never saw (or purged) is in the way.
+                new_rev = await kv.create(kv_key, data)
+            if new_rev > self._revs.get(key, 0):
+                self._revs[key] = new_rev
+                self._placements[key] = p
+            self.stats.writes += 1
+            return True
+        except (KeyWrongLastSequenceError, APIError) as e:
+            if isinstance(e, KeyWrongLastSequenceError) or e.err_code in _WRONG_LAST:
+                # Someone (a node agent) wrote first: adopt their version and plan again.
+                self.stats.conflicts += 1
+                await self._refresh(key, kv_key)
+                return True
+            self.stats.errors += 1
+            log.warning("scheduler: writing placement %s failed: %s", kv_key, e)
+            return False
+        except (TimeoutError, NatsError) as e:
+            self.stats.errors += 1
+            log.debug("scheduler: writing placement %s failed: %s", kv_key, e)
+            return False
+
+    async def _refresh(self, key: PlacementKey, kv_key: str) -> None:
+        kv = self._placements_kv
+        assert kv is not None
+        try:
+            entry = await kv.get(kv_key)
+        except KeyNotFoundError as e:
+            # Deleted: the tombstone's revision guards the next create. Never written
+            # (or purged): nothing to guard.
+            self._revs[key] = (e.entry.revision or 0) if e.entry is not None else 0
+            self._placements.pop(key, None)
+        except (TimeoutError, NatsError):
+            pass
+        else:
+            rev = entry.revision or 0
+            if rev > self._revs.get(key, 0) and entry.value:
+                self._revs[key] = rev
+                self._placements[key] = msgspec.json.decode(entry.value, type=Placement)
+        self._mark_dirty()
+
+
+async def run_scheduler(nats_settings: NatsSettings, settings: SchedulerSettings) -> None:
+    """Connect, run one scheduler until cancelled, then close it and drain the connection."""
+    nc = await natsio.connect(nats_settings, name="nebula-scheduler")
+    try:
+        async with Scheduler(nc, settings, nats_settings=nats_settings) as scheduler:
+            await scheduler.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.drain()

@@ -1,0 +1,170 @@
+"""The `openai` engine bridges to an OpenAI-compatible server over real HTTP.
+
+Two upstreams: another Nebula gateway (a real OpenAI-compatible server), and a
+small recording server that proves unknown fields reach the upstream untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from nebula.settings import OpenAIUpstreamSettings, WorkerSettings
+from tests.conftest import Fabric
+from workers.engines.openai_bridge import OpenAIEngine
+from workers.runner import WorkerProcess
+
+MSG = [{"role": "user", "content": "bridge me"}]
+
+
+async def _bridge(fabric: Fabric, model: str, url: str, upstream_model: str | None) -> None:
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=url, upstream_model=upstream_model))
+    await fabric.stack.enter_async_context(
+        WorkerProcess(WorkerSettings(model=model), fabric.nats, engine)
+    )
+
+
+async def test_bridge_to_another_openai_server(fabric: Fabric, unique: str) -> None:
+    upstream = await fabric.gateway()
+    await fabric.worker(f"origin-{unique}", max_tokens=9)
+    gw = await fabric.gateway()
+    await _bridge(fabric, f"bridged-{unique}", upstream.base_url + "/v1", f"origin-{unique}")
+    client = await fabric.client(gw)
+
+    r = await client.chat.completions.create(model=f"bridged-{unique}", messages=MSG)
+    assert len(r.choices[0].message.content.split()) == 9  # type: ignore[union-attr]
+    assert r.usage is not None and r.usage.completion_tokens == 9
+
+    # Usage was requested upstream for accounting but the client did not ask: none shown.
+    chunks = [c async for c in await client.chat.completions.create(
+        model=f"bridged-{unique}", messages=MSG, stream=True)]
+    assert all(c.usage is None for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+
+    chunks = [c async for c in await client.chat.completions.create(
+        model=f"bridged-{unique}", messages=MSG, stream=True,
+        stream_options={"include_usage": True})]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
+
+    comp = await client.completions.create(model=f"bridged-{unique}", prompt="a b", max_tokens=3)
+    assert len(comp.choices[0].text.split()) == 3
+
+
+class Recorder:
+    """A minimal OpenAI-compatible upstream that records what it was sent."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.port = 0
+
+    def app(self) -> Starlette:
+        async def models(request: Request) -> Response:
+            return JSONResponse({"object": "list", "data": [{"id": "rec", "object": "model"}]})
+
+        async def chat(request: Request) -> Response:
+            body = await request.json()
+            self.bodies.append(body)
+            if body.get("temperature") == 1.5:  # an upstream refusal, passed on as it is
+                return JSONResponse(
+                    {"error": {"message": "upstream says no", "type": "invalid_request_error",
+                               "param": "temperature", "code": None}}, status_code=400)
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "rec",
+                     "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]}
+            if not body.get("stream"):
+                return JSONResponse({
+                    "id": "c1", "object": "chat.completion", "created": 1, "model": "rec",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": "ok"}}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            async def events() -> AsyncIterator[bytes]:
+                yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+                usage = {"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                         "model": "rec", "choices": [],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                yield b"data: " + json.dumps(usage).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        return Starlette(routes=[Route("/v1/models", models), Route(
+            "/v1/chat/completions", chat, methods=["POST"])])
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    rec = Recorder()
+    server = uvicorn.Server(uvicorn.Config(rec.app(), port=0, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    rec.port = server.servers[0].sockets[0].getsockname()[1]
+    yield rec
+    server.should_exit = True
+    with contextlib.suppress(Exception):
+        await task
+
+
+async def test_bridge_passes_unknown_fields_untouched(
+    fabric: Fabric, unique: str, recorder: Recorder
+) -> None:
+    gw = await fabric.gateway()
+    model = f"rec-{unique}"
+    await _bridge(fabric, model, f"http://127.0.0.1:{recorder.port}/v1", None)
+    client = await fabric.client(gw)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    extra = {"vendor_knob": {"nested": [1, 2, 3]}, "top_k": 7}
+    r = await client.chat.completions.create(
+        model=model, messages=MSG, tools=tools,  # type: ignore[arg-type]
+        response_format={"type": "json_object"}, extra_body=extra,
+    )
+    assert r.choices[0].message.content == "ok"
+    sent = recorder.bodies[-1]
+    assert sent["tools"] == tools and sent["response_format"] == {"type": "json_object"}
+    assert sent["vendor_knob"] == {"nested": [1, 2, 3]} and sent["top_k"] == 7
+    assert sent["model"] == model
+
+    stream = await client.chat.completions.create(
+        model=model, messages=MSG, stream=True, tools=tools,  # type: ignore[arg-type]
+        extra_body=extra,
+    )
+    assert [c.choices[0].delta.content async for c in stream if c.choices] == ["ok"]
+    sent = recorder.bodies[-1]
+    assert sent["tools"] == tools and sent["vendor_knob"] == {"nested": [1, 2, 3]}
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_bridge_relays_upstream_error_status(
+    fabric: Fabric, unique: str, recorder: Recorder
+) -> None:
+    gw = await fabric.gateway()
+    model = f"recerr-{unique}"
+    await _bridge(fabric, model, f"http://127.0.0.1:{recorder.port}/v1", None)
+    client = await fabric.client(gw)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.chat.completions.create(
+                model=model, messages=MSG, temperature=1.5, stream=stream
+            )
+        assert "upstream says no" in e.value.message
+
+
+async def test_bridge_refuses_unreachable_upstream() -> None:
+    from nebula.errors import Unavailable
+
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url="http://127.0.0.1:9/v1"))
+    with pytest.raises(Unavailable):
+        await engine.start()
+    await engine.stop()
