@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,15 +39,19 @@ LONG_TOKENS = 4000
 
 
 def body(max_tokens: int, stream: bool = True) -> bytes:
-    return json.dumps({
-        "model": MODEL, "stream": stream, "max_tokens": max_tokens,
-        "messages": [{"role": "user", "content": "benchmark the fabric please"}],
-    }).encode()
+    return json.dumps(
+        {
+            "model": MODEL,
+            "stream": stream,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "benchmark the fabric please"}],
+        }
+    ).encode()
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 async def inprocess(conc: int, n: int) -> dict[str, float]:
@@ -59,8 +62,14 @@ async def inprocess(conc: int, n: int) -> dict[str, float]:
     b = body(TOKENS)
 
     async def one() -> None:
-        job = Job(request_id="x", model=MODEL, endpoint=Endpoint.CHAT, body=b, stream=True,
-                  include_usage=False)
+        job = Job(
+            request_id="x",
+            model=MODEL,
+            endpoint=Endpoint.CHAT,
+            body=b,
+            stream=True,
+            include_usage=False,
+        )
         t0 = time.perf_counter()
         first = None
         async for out in engine.generate(job):
@@ -76,8 +85,13 @@ async def inprocess(conc: int, n: int) -> dict[str, float]:
     t0 = time.perf_counter()
     await asyncio.gather(*[user(n // conc) for _ in range(conc)])
     wall = time.perf_counter() - t0
-    return {"ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "tot50": pct(total, 50),
-            "tot99": pct(total, 99), "rps": len(total) / wall}
+    return {
+        "ttft50": pct(ttft, 50),
+        "ttft99": pct(ttft, 99),
+        "tot50": pct(total, 50),
+        "tot99": pct(total, 99),
+        "rps": len(total) / wall,
+    }
 
 
 async def python_client(url: str, conc: int, n: int) -> dict[str, float]:
@@ -90,8 +104,12 @@ async def python_client(url: str, conc: int, n: int) -> dict[str, float]:
         async def one() -> None:
             t0 = time.perf_counter()
             first = None
-            async with http.stream("POST", "/v1/chat/completions", content=b,
-                                   headers={"Content-Type": "application/json"}) as r:
+            async with http.stream(
+                "POST",
+                "/v1/chat/completions",
+                content=b,
+                headers={"Content-Type": "application/json"},
+            ) as r:
                 assert r.status_code == 200, r.status_code
                 async for chunk in r.aiter_raw():
                     if first is None and b'"content":"' in chunk and b'"content":""' not in chunk:
@@ -111,8 +129,13 @@ async def python_client(url: str, conc: int, n: int) -> dict[str, float]:
         t0 = time.perf_counter()
         await asyncio.gather(*[user(n // conc) for _ in range(conc)])
         wall = time.perf_counter() - t0
-    return {"ttft50": pct(ttft, 50), "ttft99": pct(ttft, 99), "tot50": pct(total, 50),
-            "tot99": pct(total, 99), "rps": len(total) / wall}
+    return {
+        "ttft50": pct(ttft, 50),
+        "ttft99": pct(ttft, 99),
+        "tot50": pct(total, 50),
+        "tot99": pct(total, 99),
+        "rps": len(total) / wall,
+    }
 
 
 def wrk(url: str, conc: int, seconds: int, payload: bytes) -> dict[str, float]:
@@ -120,24 +143,43 @@ def wrk(url: str, conc: int, seconds: int, payload: bytes) -> dict[str, float]:
     if exe is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
     out = subprocess.run(
-        [exe, f"-t{min(2, conc)}", f"-c{conc}", f"-d{seconds}s", "--latency",
-         "-s", str(ROOT / "benchmarks" / "post.lua"), f"{url}/v1/chat/completions"],
+        [
+            exe,
+            f"-t{min(2, conc)}",
+            f"-c{conc}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(ROOT / "benchmarks" / "post.lua"),
+            f"{url}/v1/chat/completions",
+        ],
         env={**os.environ, "NEBULA_BODY": payload.decode()},
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     line = next(x for x in out.splitlines() if x.startswith("NEBULA_JSON "))
     s = json.loads(line.split(" ", 1)[1])
     secs = s["duration_us"] / 1e6
-    return {"rps": s["requests"] / secs, "p50": s["p50_us"] / 1000, "p99": s["p99_us"] / 1000,
-            "errors": s["socket_errors"] + s["non2xx"], "requests": s["requests"]}
+    return {
+        "rps": s["requests"] / secs,
+        "p50": s["p50_us"] / 1000,
+        "p99": s["p99_us"] / 1000,
+        "errors": s["socket_errors"] + s["non2xx"],
+        "requests": s["requests"],
+    }
 
 
 async def long_stream_tokens_per_s(url: str) -> float:
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         t0 = time.perf_counter()
         n = 0
-        async with http.stream("POST", "/v1/chat/completions", content=body(LONG_TOKENS),
-                               headers={"Content-Type": "application/json"}) as r:
+        async with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            content=body(LONG_TOKENS),
+            headers={"Content-Type": "application/json"},
+        ) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data: {") and '"content":"' in line:
                     n += 1
@@ -156,13 +198,26 @@ async def main() -> None:
     url = f"http://127.0.0.1:{port}"
     async with EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats")) as nats:
         env = {"NEBULA_NATS_URL": nats.url}
-        gw = await procs.spawn(procs.nebula_argv("gateway", "--port", str(port),
-                                                 "--max-queue", "4096"), env=env,
-                               log_file=tmp / "gateway.log")
-        wk = await procs.spawn(procs.nebula_argv("worker", "--model", MODEL, "--engine", "sim",
-                                                 "--max-concurrency", "128",
-                                                 "--max-tokens", str(TOKENS)), env=env,
-                               log_file=tmp / "worker.log")
+        gw = await procs.spawn(
+            procs.nebula_argv("gateway", "--port", str(port), "--max-queue", "4096"),
+            env=env,
+            log_file=tmp / "gateway.log",
+        )
+        wk = await procs.spawn(
+            procs.nebula_argv(
+                "worker",
+                "--model",
+                MODEL,
+                "--engine",
+                "sim",
+                "--max-concurrency",
+                "128",
+                "--max-tokens",
+                str(TOKENS),
+            ),
+            env=env,
+            log_file=tmp / "worker.log",
+        )
         try:
             async with httpx.AsyncClient() as http:
                 for _ in range(300):
@@ -184,20 +239,26 @@ async def main() -> None:
             await procs.stop(wk)
             await procs.stop(gw)
 
-    print(f"\nNebula fabric benchmark — SIMULATED engine (0 ms TTFT/ITL, {TOKENS} tokens, "
-          f"streaming), {os.cpu_count()} cores, gateway + worker + nats-server + load "
-          "generator on one machine\n")
-    print("| concurrency | in-process TTFT p50 / p99 (ms) | fabric TTFT p50 / p99 (ms) | "
-          "fabric overhead p50 (ms) | fabric total p50 / p99 (ms, Python client) | "
-          "in-process req/s | fabric req/s (wrk) | wrk latency p50 / p99 (ms) | errors |")
+    print(
+        f"\nNebula fabric benchmark — SIMULATED engine (0 ms TTFT/ITL, {TOKENS} tokens, "
+        f"streaming), {os.cpu_count()} cores, gateway + worker + nats-server + load "
+        "generator on one machine\n"
+    )
+    print(
+        "| concurrency | in-process TTFT p50 / p99 (ms) | fabric TTFT p50 / p99 (ms) | "
+        "fabric overhead p50 (ms) | fabric total p50 / p99 (ms, Python client) | "
+        "in-process req/s | fabric req/s (wrk) | wrk latency p50 / p99 (ms) | errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for conc, base, fab, w in rows:
-        print(f"| {conc} | {base['ttft50'] * 1e3:.3f} / {base['ttft99'] * 1e3:.3f} | "
-              f"{fab['ttft50'] * 1e3:.2f} / {fab['ttft99'] * 1e3:.2f} | "
-              f"{(fab['ttft50'] - base['ttft50']) * 1e3:.2f} | "
-              f"{fab['tot50'] * 1e3:.2f} / {fab['tot99'] * 1e3:.2f} | "
-              f"{base['rps']:.0f} | {w['rps']:.0f} | {w['p50']:.2f} / {w['p99']:.2f} | "
-              f"{int(w['errors'])} |")
+        print(
+            f"| {conc} | {base['ttft50'] * 1e3:.3f} / {base['ttft99'] * 1e3:.3f} | "
+            f"{fab['ttft50'] * 1e3:.2f} / {fab['ttft99'] * 1e3:.2f} | "
+            f"{(fab['ttft50'] - base['ttft50']) * 1e3:.2f} | "
+            f"{fab['tot50'] * 1e3:.2f} / {fab['tot99'] * 1e3:.2f} | "
+            f"{base['rps']:.0f} | {w['rps']:.0f} | {w['p50']:.2f} / {w['p99']:.2f} | "
+            f"{int(w['errors'])} |"
+        )
     print("\n| long streams | tokens/s relayed |")
     print("|---|---|")
     print(f"| 1 stream of {LONG_TOKENS} tokens (Python client) | {tps_one:,.0f} |")

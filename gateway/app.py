@@ -53,11 +53,14 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self.requests = Counter(
-            "nebula_gateway_requests", "Requests by model and status", ["model", "status"],
+            "nebula_gateway_requests",
+            "Requests by model and status",
+            ["model", "status"],
             registry=registry,
         )
         self.ttfb = Histogram(
-            "nebula_gateway_first_frame_seconds", "Time until a worker started the job",
+            "nebula_gateway_first_frame_seconds",
+            "Time until a worker started the job",
             registry=registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )

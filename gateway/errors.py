@@ -38,8 +38,9 @@ def error_response(err: NebulaError) -> Response:
     headers = {}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
-    return Response(err.to_json(), status_code=err.status, headers=headers,
-                    media_type="application/json")
+    return Response(
+        err.to_json(), status_code=err.status, headers=headers, media_type="application/json"
+    )
 
 
 def sse_error(err: NebulaError) -> bytes:

@@ -53,7 +53,9 @@ class GatewayServer:
         await self.close()
 
     async def start(self) -> None:
-        nc = await natsio.connect(self.nats_settings, name="nebula-gateway", on_reconnect=self.hooks)
+        nc = await natsio.connect(
+            self.nats_settings, name="nebula-gateway", on_reconnect=self.hooks
+        )
         self.gateway = Gateway(
             self.settings, self.nats_settings, nc, registry=self.registry, hooks=self.hooks
         )

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -70,19 +69,31 @@ def gateway_options(f: F) -> F:
         click.option("--host", default="127.0.0.1", show_default=True, envvar="NEBULA_HOST"),
         click.option("--port", default=8000, show_default=True, type=int, envvar="NEBULA_PORT"),
         click.option(
-            "--max-queue", default=256, show_default=True, type=click.IntRange(min=1),
+            "--max-queue",
+            default=256,
+            show_default=True,
+            type=click.IntRange(min=1),
             help="Jobs that may wait per model before requests get 429.",
         ),
         click.option(
-            "--max-body-bytes", default=DEFAULT_MAX_BODY, show_default=True,
-            type=click.IntRange(min=1024), help="Larger request bodies get 413.",
+            "--max-body-bytes",
+            default=DEFAULT_MAX_BODY,
+            show_default=True,
+            type=click.IntRange(min=1024),
+            help="Larger request bodies get 413.",
         ),
         click.option(
-            "--dispatch-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+            "--dispatch-timeout",
+            default=30.0,
+            show_default=True,
+            type=click.FloatRange(min=0.1),
             help="Seconds a job may wait for a worker (then 503 or 504).",
         ),
         click.option(
-            "--keepalive-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0.5),
+            "--keepalive-timeout",
+            default=5.0,
+            show_default=True,
+            type=click.FloatRange(min=0.5),
             help="Silence after which a worker is considered dead.",
         ),
     ]
@@ -124,21 +135,40 @@ def gateway(nats_url: str, **kw: Any) -> None:
 def worker_options(f: F) -> F:
     opts = [
         click.option("--model", required=True, help="Model name clients ask for."),
-        click.option("--engine", type=click.Choice(["sim", "openai"]), default="sim",
-                     show_default=True),
-        click.option("--max-concurrency", default=8, show_default=True,
-                     type=click.IntRange(min=1), help="Jobs this worker runs at once."),
-        click.option("--ttft-ms", default=0.0, show_default=True, type=float,
-                     help="sim: time to first token."),
-        click.option("--itl-ms", default=0.0, show_default=True, type=float,
-                     help="sim: inter-token latency."),
-        click.option("--max-tokens", default=16, show_default=True, type=int,
-                     help="sim: tokens when the request sets no limit."),
-        click.option("--upstream-url", default=None,
-                     help="openai: base URL such as http://127.0.0.1:8001/v1"),
+        click.option(
+            "--engine", type=click.Choice(["sim", "openai"]), default="sim", show_default=True
+        ),
+        click.option(
+            "--max-concurrency",
+            default=8,
+            show_default=True,
+            type=click.IntRange(min=1),
+            help="Jobs this worker runs at once.",
+        ),
+        click.option(
+            "--ttft-ms",
+            default=0.0,
+            show_default=True,
+            type=float,
+            help="sim: time to first token.",
+        ),
+        click.option(
+            "--itl-ms", default=0.0, show_default=True, type=float, help="sim: inter-token latency."
+        ),
+        click.option(
+            "--max-tokens",
+            default=16,
+            show_default=True,
+            type=int,
+            help="sim: tokens when the request sets no limit.",
+        ),
+        click.option(
+            "--upstream-url", default=None, help="openai: base URL such as http://127.0.0.1:8001/v1"
+        ),
         click.option("--upstream-api-key", default=None, envvar="NEBULA_UPSTREAM_API_KEY"),
-        click.option("--upstream-model", default=None,
-                     help="openai: model name upstream (default: --model)."),
+        click.option(
+            "--upstream-model", default=None, help="openai: model name upstream (default: --model)."
+        ),
         click.option("--worker-id", default=None, hidden=True),
         click.option("--node-id", default="", hidden=True),
     ]
@@ -184,8 +214,12 @@ def worker(nats_url: str, **kw: Any) -> None:
 @main.command("nats")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", "nats_port", default=DEFAULT_NATS_PORT, show_default=True, type=int)
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="JetStream store (default: a per-user data folder).")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="JetStream store (default: a per-user data folder).",
+)
 def nats_cmd(host: str, nats_port: int, data_dir: Path | None) -> None:
     """Run the embedded NATS server (JetStream on) with the config from nats/."""
     from nebula.embedded import EmbeddedNats
@@ -204,11 +238,19 @@ def nats_cmd(host: str, nats_port: int, data_dir: Path | None) -> None:
 
 @main.command()
 @click.option("--demo", is_flag=True, help="Also serve the simulated chat model `sim-chat`.")
-@click.option("--nats-url", default=None, envvar="NEBULA_NATS_URL",
-              help="Use this NATS instead of starting an embedded one.")
+@click.option(
+    "--nats-url",
+    default=None,
+    envvar="NEBULA_NATS_URL",
+    help="Use this NATS instead of starting an embedded one.",
+)
 @click.option("--nats-port", default=DEFAULT_NATS_PORT, show_default=True, type=int)
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Where NATS data and logs go (default: a per-user data folder).")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where NATS data and logs go (default: a per-user data folder).",
+)
 @gateway_options
 def up(demo: bool, nats_url: str | None, nats_port: int, data_dir: Path | None, **kw: Any) -> None:
     """Everything on one machine: NATS, gateway (and with --demo a sim-chat worker)."""

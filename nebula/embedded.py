@@ -72,7 +72,7 @@ class EmbeddedNats:
             args += ["-c", str(config)]
         else:  # installed without the repo's nats/ folder: same settings as flags
             args += ["-a", s.host, "-p", env["NEBULA_NATS_PORT"], "-js", "-sd", str(s.store_dir)]
-        out = open(self.log_file, "ab") if self.log_file else asyncio.subprocess.DEVNULL  # noqa: SIM115
+        out = open(self.log_file, "ab") if self.log_file else asyncio.subprocess.DEVNULL
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *args, env=env, stdout=out, stderr=out, start_new_session=True
@@ -113,7 +113,7 @@ class EmbeddedNats:
         proc.send_signal(signal.SIGTERM)  # lame-duck-free clean shutdown, flushes the store
         try:
             await asyncio.wait_for(proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
 

@@ -34,7 +34,7 @@ async def spawn(
 ) -> asyncio.subprocess.Process:
     """Own session (so a terminal's Ctrl-C reaches only the parent, which stops children
     in order) and a parent-death signal (so a killed parent leaves no orphans)."""
-    out: IO[bytes] | None = open(log_file, "ab") if log_file else None  # noqa: SIM115
+    out: IO[bytes] | None = open(log_file, "ab") if log_file else None
     try:
         return await asyncio.create_subprocess_exec(
             *argv,
@@ -56,7 +56,7 @@ async def stop(proc: asyncio.subprocess.Process, timeout: float = 15.0) -> int:
             proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()

@@ -12,7 +12,7 @@ import enum
 import msgspec
 
 
-class FrameKind(str, enum.Enum):
+class FrameKind(enum.StrEnum):
     START = "start"
     DATA = "data"
     KEEPALIVE = "keepalive"
@@ -20,7 +20,7 @@ class FrameKind(str, enum.Enum):
     ERROR = "error"
 
 
-class Endpoint(str, enum.Enum):
+class Endpoint(enum.StrEnum):
     CHAT = "chat"
     COMPLETION = "completion"
     EMBEDDING = "embedding"
@@ -56,7 +56,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
 
 
-class PlacementState(str, enum.Enum):
+class PlacementState(enum.StrEnum):
     PENDING = "Pending"
     STARTING = "Starting"
     READY = "Ready"

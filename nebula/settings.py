@@ -115,7 +115,7 @@ class OpenAIUpstreamSettings:
     timeout: float = 600.0
 
 
-def _replace(obj, overrides: dict[str, object]):  # type: ignore[no-untyped-def]
+def _replace(obj, overrides: dict[str, object]):
     from dataclasses import replace
 
     clean = {k: v for k, v in overrides.items() if v is not None}

@@ -63,8 +63,8 @@ class Stack:
                 self.echo(f"model     {DEMO_MODEL}  (simulated engine)")
                 self.echo(
                     f"try:      curl {base}/v1/chat/completions -H 'Content-Type: "
-                    f"application/json' -d '{{\"model\":\"{DEMO_MODEL}\",\"messages\":"
-                    f"[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+                    f'application/json\' -d \'{{"model":"{DEMO_MODEL}","messages":'
+                    f'[{{"role":"user","content":"hi"}}]}}\''
                 )
             self.echo(f"logs      {self.log_dir}   Ctrl-C stops everything")
             await self._until_stop_or_child_exit(stop)

@@ -17,7 +17,6 @@ from nats.aio.client import Client
 from openai import AsyncOpenAI
 
 from gateway.server import GatewayServer
-
 from nebula import natsio
 from nebula.embedded import EmbeddedNats
 from nebula.settings import (
@@ -78,7 +77,11 @@ class Fabric:
         return await self.stack.enter_async_context(GatewayServer(gs, self.nats))
 
     async def worker(
-        self, model: str, *, max_concurrency: int = 8, worker: dict[str, Any] | None = None,
+        self,
+        model: str,
+        *,
+        max_concurrency: int = 8,
+        worker: dict[str, Any] | None = None,
         **sim: Any,
     ) -> Worker:
         engine = SimEngine(SimSettings(max_concurrency=max_concurrency, **sim))

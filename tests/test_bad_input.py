@@ -33,8 +33,11 @@ async def http(fabric: Fabric, unique: str) -> httpx.AsyncClient:
 
 
 async def test_malformed_json(http: httpx.AsyncClient) -> None:
-    r = await http.post("/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                        headers={"Content-Type": "application/json"})
+    r = await http.post(
+        "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     assert "not valid JSON" in str(_error(r)["message"])
 
@@ -159,7 +162,9 @@ async def test_deadline_in_queue_504_and_never_run(fabric: Fabric, unique: str) 
     assert worker.jobs_started == 1
 
 
-async def test_no_ready_replica_503(fabric: Fabric, nats_settings: NatsSettings, unique: str) -> None:
+async def test_no_ready_replica_503(
+    fabric: Fabric, nats_settings: NatsSettings, unique: str
+) -> None:
     """A worker process dies (SIGKILL); its model is known but has no live replica."""
     model = f"dead-{unique}"
     gw = await fabric.gateway(dispatch_timeout=1.0)

@@ -47,15 +47,25 @@ async def test_bridge_to_another_openai_server(fabric: Fabric, unique: str) -> N
     assert r.usage is not None and r.usage.completion_tokens == 9
 
     # Usage was requested upstream for accounting but the client did not ask: none shown.
-    chunks = [c async for c in await client.chat.completions.create(
-        model=f"bridged-{unique}", messages=MSG, stream=True)]
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            model=f"bridged-{unique}", messages=MSG, stream=True
+        )
+    ]
     assert all(c.usage is None for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content
 
-    chunks = [c async for c in await client.chat.completions.create(
-        model=f"bridged-{unique}", messages=MSG, stream=True,
-        stream_options={"include_usage": True})]
+    chunks = [
+        c
+        async for c in await client.chat.completions.create(
+            model=f"bridged-{unique}",
+            messages=MSG,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    ]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 9
 
     comp = await client.completions.create(model=f"bridged-{unique}", prompt="a b", max_tokens=3)
@@ -78,29 +88,62 @@ class Recorder:
             self.bodies.append(body)
             if body.get("temperature") == 1.5:  # an upstream refusal, passed on as it is
                 return JSONResponse(
-                    {"error": {"message": "upstream says no", "type": "invalid_request_error",
-                               "param": "temperature", "code": None}}, status_code=400)
-            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "rec",
-                     "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}]}
+                    {
+                        "error": {
+                            "message": "upstream says no",
+                            "type": "invalid_request_error",
+                            "param": "temperature",
+                            "code": None,
+                        }
+                    },
+                    status_code=400,
+                )
+            chunk = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "rec",
+                "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": None}],
+            }
             if not body.get("stream"):
-                return JSONResponse({
-                    "id": "c1", "object": "chat.completion", "created": 1, "model": "rec",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": "ok"}}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+                return JSONResponse(
+                    {
+                        "id": "c1",
+                        "object": "chat.completion",
+                        "created": 1,
+                        "model": "rec",
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "ok"},
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                    }
+                )
 
             async def events() -> AsyncIterator[bytes]:
                 yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
-                usage = {"id": "c1", "object": "chat.completion.chunk", "created": 1,
-                         "model": "rec", "choices": [],
-                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+                usage = {
+                    "id": "c1",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": "rec",
+                    "choices": [],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
                 yield b"data: " + json.dumps(usage).encode() + b"\n\n"
                 yield b"data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
-        return Starlette(routes=[Route("/v1/models", models), Route(
-            "/v1/chat/completions", chat, methods=["POST"])])
+        return Starlette(
+            routes=[
+                Route("/v1/models", models),
+                Route("/v1/chat/completions", chat, methods=["POST"]),
+            ]
+        )
 
 
 @pytest.fixture
@@ -127,8 +170,11 @@ async def test_bridge_passes_unknown_fields_untouched(
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     extra = {"vendor_knob": {"nested": [1, 2, 3]}, "top_k": 7}
     r = await client.chat.completions.create(
-        model=model, messages=MSG, tools=tools,  # type: ignore[arg-type]
-        response_format={"type": "json_object"}, extra_body=extra,
+        model=model,
+        messages=MSG,
+        tools=tools,  # type: ignore[arg-type]
+        response_format={"type": "json_object"},
+        extra_body=extra,
     )
     assert r.choices[0].message.content == "ok"
     sent = recorder.bodies[-1]
@@ -137,7 +183,10 @@ async def test_bridge_passes_unknown_fields_untouched(
     assert sent["model"] == model
 
     stream = await client.chat.completions.create(
-        model=model, messages=MSG, stream=True, tools=tools,  # type: ignore[arg-type]
+        model=model,
+        messages=MSG,
+        stream=True,
+        tools=tools,  # type: ignore[arg-type]
         extra_body=extra,
     )
     assert [c.choices[0].delta.content async for c in stream if c.choices] == ["ok"]

@@ -40,7 +40,9 @@ async def test_soak(fabric: Fabric, unique: str) -> None:
             try:
                 if n % 3:
                     stream = await client.chat.completions.create(
-                        model=model, messages=msgs, stream=True,
+                        model=model,
+                        messages=msgs,
+                        stream=True,
                         stream_options={"include_usage": True},
                     )
                     chunks = [c async for c in stream]
@@ -54,8 +56,10 @@ async def test_soak(fabric: Fabric, unique: str) -> None:
                 errors.append(e)
 
     await asyncio.gather(*[user(i) for i in range(16)])
-    print(f"soak: {ok} requests in {SOAK_SECONDS:.0f}s ({ok / SOAK_SECONDS:.0f}/s), "
-          f"{len(errors)} errors")
+    print(
+        f"soak: {ok} requests in {SOAK_SECONDS:.0f}s ({ok / SOAK_SECONDS:.0f}/s), "
+        f"{len(errors)} errors"
+    )
     assert not errors, errors[:3]
     assert ok > 100
     await asyncio.sleep(0.2)

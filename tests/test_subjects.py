@@ -25,7 +25,7 @@ def test_model_token_roundtrip_and_safe(name: str) -> None:
 
 
 def test_distinct_names_distinct_tokens() -> None:
-    toks = {subjects.model_token(n) for n in NAMES + ["a_2Eb", "a-b"]}
+    toks = {subjects.model_token(n) for n in [*NAMES, "a_2Eb", "a-b"]}
     assert len(toks) == len(NAMES) + 2
 
 

@@ -76,7 +76,9 @@ class WorkerProcess:
         nc = await natsio.connect(
             self.nats_settings, name=f"nebula-worker-{self.settings.model}", on_reconnect=self.hooks
         )
-        self.worker = Worker(self.settings, self.engine, nc, self.nats_settings, node_id=self.node_id)
+        self.worker = Worker(
+            self.settings, self.engine, nc, self.nats_settings, node_id=self.node_id
+        )
         self.hooks.add(self.worker.on_reconnect)
         await self.worker.start()
 

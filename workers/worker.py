@@ -271,7 +271,9 @@ class Worker:
             deadline = float(hdrs.get(subjects.H_DEADLINE, "0") or 0)
             if deadline and deadline < time.time():
                 self.jobs_expired += 1
-                await self._send_error(job, DeadlineExceeded("request waited in queue past its deadline"))
+                await self._send_error(
+                    job, DeadlineExceeded("request waited in queue past its deadline")
+                )
                 return
             self.jobs_started += 1
             await self._frame(job, FrameKind.START, b"")

@@ -99,13 +99,12 @@ class OpenAIEngine:
                 yield Output(chunk=r.content, usage=probe.usage)
                 return
             try:
-                async with self._client.stream(
-                    "POST", path, content=content, headers=headers
-                ) as r:
+                async with self._client.stream("POST", path, content=content, headers=headers) as r:
                     if r.status_code >= 400:
                         raw = await r.aread()
-                        raise EngineError(raw.decode(errors="replace"), status=r.status_code,
-                                          raw_body=raw)
+                        raise EngineError(
+                            raw.decode(errors="replace"), status=r.status_code, raw_body=raw
+                        )
                     async for line in r.aiter_lines():
                         if not line.startswith("data:"):
                             continue

@@ -83,7 +83,9 @@ class SimEngine:
         finish = "length" if limit is not None else "stop"
         start = zlib.crc32(seed.encode()) % len(_VOCAB)
         words = [(" " if i else "") + _VOCAB[(start + i * 7) % len(_VOCAB)] for i in range(n)]
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n)
+        usage = Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n
+        )
         chat = job.endpoint is Endpoint.CHAT
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -128,8 +130,14 @@ def _chunk_frame(chat: bool, rid: str, created: int, model: str) -> tuple[bytes,
     """The bytes around one chunk's delta (chat) or text (completion)."""
     obj = b"chat.completion.chunk" if chat else b"text_completion"
     head = (
-        b'{"id":"' + rid.encode() + b'","object":"' + obj + b'","created":'
-        + str(created).encode() + b',"model":' + _enc(model)
+        b'{"id":"'
+        + rid.encode()
+        + b'","object":"'
+        + obj
+        + b'","created":'
+        + str(created).encode()
+        + b',"model":'
+        + _enc(model)
         + (b',"choices":[{"index":0,"delta":' if chat else b',"choices":[{"index":0,"text":')
     )
     tail = b',"logprobs":null,"finish_reason":null}]}'
