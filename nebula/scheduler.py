@@ -255,24 +255,27 @@ class Scheduler:
     # --- leader election ---------------------------------------------------------
 
     async def _on_lease_msg(self, msg: Msg) -> None:
-        op = msg.headers.get(KV_OP) if msg.headers else None
-        if _is_delete(op):
+        # Core subscribers see every publish, refused ones too: only a delete is worth
+        # a look (a refused one costs one needless create attempt).
+        if msg.headers and _is_delete(msg.headers.get(KV_OP)):
             self._leader_id = None
             self._lease_event.set()
-        else:
-            self._leader_id = msg.data.decode(errors="replace")
 
     async def _election_loop(self) -> None:
         assert self._lease_kv is not None
         ttl = self.settings.lease_ttl
         poll = min(0.25, ttl / 6)
         me = self.scheduler_id.encode()
+        looked = -ttl
         while True:
             self._lease_event.clear()
             sent = time.monotonic()
             try:
                 rev = await asyncio.wait_for(self._lease_kv.create(subjects.LEADER_KEY, me), ttl)
             except KeyWrongLastSequenceError:
+                if sent - looked >= ttl / 3:
+                    looked = sent
+                    await self._look_at_lease()
                 # Someone holds it: wait for a delete we see live, or poll for expiry
                 # (expiry by max age publishes nothing).
                 with contextlib.suppress(TimeoutError):
@@ -284,6 +287,18 @@ class Scheduler:
                 continue
             self._lease_rev = rev
             await self._lead(sent)
+
+    async def _look_at_lease(self) -> None:
+        """Learn who leads (for status displays); best effort."""
+        assert self._lease_kv is not None
+        try:
+            entry = await self._lease_kv.get(subjects.LEADER_KEY)
+        except KeyNotFoundError:
+            self._leader_id = None
+        except (TimeoutError, NatsError):
+            pass
+        else:
+            self._leader_id = (entry.value or b"").decode(errors="replace") or None
 
     async def _lead(self, acquired_at: float) -> None:
         self._leader = True
