@@ -47,6 +47,11 @@ from nebula.settings import NatsSettings, SchedulerSettings
 
 log = logging.getLogger(__name__)
 
+# Fractions of the lease TTL: the leader steps down when it could not refresh for
+# _STEP_DOWN; a standby takes over a lease not refreshed for _TAKEOVER.
+_STEP_DOWN = 0.6
+_TAKEOVER = 0.7
+
 # JetStream error codes for a failed expected-last-sequence check.
 _WRONG_LAST = (10071, 10164)
 
@@ -123,6 +128,7 @@ class Scheduler:
         self._leader = False
         self._leader_id: str | None = None  # last holder seen on the leader key
         self._lease_rev = 0
+        self._seen_rev, self._seen_at = 0, 0.0  # standby: lease revision and when first seen
         self._lease_event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._lease_sub: Subscription | None = None
@@ -262,43 +268,62 @@ class Scheduler:
             self._lease_event.set()
 
     async def _election_loop(self) -> None:
-        assert self._lease_kv is not None
+        """Standby: watch the lease's revision; take the lease when it is gone or stale.
+
+        Max-age expiry alone lags (the server expires a little after the TTL, and
+        publishes nothing), so a standby that has seen no refresh for ``_TAKEOVER`` of
+        the TTL takes the lease with ``update(last=<the revision it saw>)``: that only
+        succeeds if the leader really did not refresh, and the leader has stepped down
+        by then (``_STEP_DOWN`` < ``_TAKEOVER``, both counted from no later than its
+        last refresh).
+        """
         ttl = self.settings.lease_ttl
-        poll = min(0.25, ttl / 6)
-        me = self.scheduler_id.encode()
-        looked = -ttl
+        poll = min(0.25, ttl / 10)
         while True:
             self._lease_event.clear()
-            sent = time.monotonic()
+            acquired: float | None = None
             try:
-                rev = await asyncio.wait_for(self._lease_kv.create(subjects.LEADER_KEY, me), ttl)
+                async with asyncio.timeout(ttl):
+                    acquired = await self._try_acquire()
             except KeyWrongLastSequenceError:
-                if sent - looked >= ttl / 3:
-                    looked = sent
-                    await self._look_at_lease()
-                # Someone holds it: wait for a delete we see live, or poll for expiry
-                # (expiry by max age publishes nothing).
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._lease_event.wait(), poll)
-                continue
+                pass  # another standby was quicker
             except (TimeoutError, NatsError) as e:
-                log.debug("scheduler %s: lease attempt failed: %s", self.scheduler_id, e)
-                await asyncio.sleep(poll)
+                log.debug("scheduler %s: lease check failed: %s", self.scheduler_id, e)
+            if acquired is not None:
+                await self._lead(acquired)
                 continue
-            self._lease_rev = rev
-            await self._lead(sent)
+            # A delete (clean close) is seen live; anything else at the next poll.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll):
+                    await self._lease_event.wait()
 
-    async def _look_at_lease(self) -> None:
-        """Learn who leads (for status displays); best effort."""
+    async def _try_acquire(self) -> float | None:
+        """Take the lease if it is free or stale; return when the winning write was sent."""
         assert self._lease_kv is not None
+        kv = self._lease_kv
+        me = self.scheduler_id.encode()
         try:
-            entry = await self._lease_kv.get(subjects.LEADER_KEY)
+            entry = await kv.get(subjects.LEADER_KEY)
         except KeyNotFoundError:
             self._leader_id = None
-        except (TimeoutError, NatsError):
-            pass
-        else:
+            sent = time.monotonic()
+            self._lease_rev = await kv.create(subjects.LEADER_KEY, me)
+            return sent
+        rev = entry.revision or 0
+        now = time.monotonic()  # no earlier than when the server stored `rev`
+        if entry.value == me:
+            # Ours from before a NATS outage made us step down: nobody else writes our id.
+            self._lease_rev = await kv.update(subjects.LEADER_KEY, me, last=rev)
+            return now
+        if rev != self._seen_rev:
+            self._seen_rev, self._seen_at = rev, now
             self._leader_id = (entry.value or b"").decode(errors="replace") or None
+            return None
+        if now - self._seen_at < self.settings.lease_ttl * _TAKEOVER:
+            return None
+        self._lease_rev = await kv.update(subjects.LEADER_KEY, me, last=rev)
+        log.warning("scheduler %s: lease of %s went stale", self.scheduler_id, self._leader_id)
+        return now
 
     async def _lead(self, acquired_at: float) -> None:
         self._leader = True
@@ -322,38 +347,53 @@ class Scheduler:
                 log.warning("scheduler %s: no longer leading", self.scheduler_id)
 
     async def _hold_lease(self, acquired_at: float) -> None:
-        """Refresh the lease every ttl/3; return (step down) once it may have lapsed."""
-        assert self._lease_kv is not None
+        """Refresh the lease every ttl/3; return (step down) before it may have lapsed.
+
+        The server counts the TTL from when it stored our last refresh, which is no
+        earlier than when we sent it, and a standby takes over no earlier than
+        ``_TAKEOVER`` of the TTL after it saw that refresh: stepping down by
+        ``sent + _STEP_DOWN * ttl`` means two leaders never write at once, however
+        slow or dead NATS is.
+        """
         ttl = self.settings.lease_ttl
-        me = self.scheduler_id.encode()
-        last_ok = acquired_at
+        deadline = acquired_at + ttl * _STEP_DOWN
         wait = ttl / 3
         while True:
-            await asyncio.sleep(wait)
+            await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
             sent = time.monotonic()
-            try:
-                self._lease_rev = await self._lease_kv.update(
-                    subjects.LEADER_KEY, me, last=self._lease_rev
-                )
-                last_ok, wait = sent, ttl / 3
-                continue
-            except KeyWrongLastSequenceError:
-                # An update that timed out may still have landed: the key is ours if it says so.
-                with contextlib.suppress(TimeoutError, NatsError):
-                    entry = await self._lease_kv.get(subjects.LEADER_KEY)
-                    if entry.value == me and entry.revision is not None:
-                        self._lease_rev = entry.revision
-                        continue
-                log.warning("scheduler %s: lease taken over", self.scheduler_id)
-                return
-            except (TimeoutError, NatsError) as e:
-                log.debug("scheduler %s: lease refresh failed: %s", self.scheduler_id, e)
-            # Step down before a standby may see the lease expire (it counts from `last_ok`
-            # at the earliest): two leaders must never write at once.
-            if time.monotonic() - last_ok >= ttl * 0.75:
+            if sent >= deadline:
                 log.warning("scheduler %s: lease lapsed (NATS unreachable)", self.scheduler_id)
                 return
-            wait = min(ttl / 10, 0.25)
+            try:
+                async with asyncio.timeout(deadline - sent):
+                    refreshed = await self._refresh_lease()
+            except (TimeoutError, NatsError) as e:
+                log.debug("scheduler %s: lease refresh failed: %s", self.scheduler_id, e)
+                wait = min(ttl / 10, 0.25)
+                continue
+            if not refreshed:
+                log.warning("scheduler %s: lease taken over", self.scheduler_id)
+                return
+            deadline, wait = sent + ttl * _STEP_DOWN, ttl / 3
+
+    async def _refresh_lease(self) -> bool:
+        assert self._lease_kv is not None
+        me = self.scheduler_id.encode()
+        try:
+            self._lease_rev = await self._lease_kv.update(
+                subjects.LEADER_KEY, me, last=self._lease_rev
+            )
+            return True
+        except KeyWrongLastSequenceError:
+            # A refresh that timed out may still have landed: the key is ours if it says so.
+            try:
+                entry = await self._lease_kv.get(subjects.LEADER_KEY)
+            except KeyNotFoundError:
+                return False
+            if entry.value == me and entry.revision is not None:
+                self._lease_rev = entry.revision
+                return True
+            return False
 
     # --- the leader's view -------------------------------------------------------
 
@@ -367,6 +407,11 @@ class Scheduler:
                 backoff = 0.1
             except (TimeoutError, NatsError) as e:
                 log.warning("scheduler %s: view lost (%s), rebuilding", self.scheduler_id, e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except Exception:
+                # A bug must not cost the cluster its scheduler: log it, rebuild, go on.
+                log.exception("scheduler %s: reconcile failed, rebuilding", self.scheduler_id)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
