@@ -130,7 +130,8 @@ def build(nodes: int, replicas: int, seed: int) -> tuple[list[NodeInfo], list[Mo
 
 
 async def child(url: str, strategy: str, grace: float) -> None:
-    """The scheduler process: says ``ready`` once it leads, prints its stats when stopped."""
+    """The scheduler process: ``ready`` once it leads, ``idle <s> <writes>`` once its
+    first view is built and reconciled, its stats as JSON when stopped."""
     logging.basicConfig(level=logging.ERROR)  # keep the table clean
     nats = NatsSettings(url=url)
     nc = await natsio.connect(nats, name="bench-scheduler")
@@ -139,10 +140,42 @@ async def child(url: str, strategy: str, grace: float) -> None:
     settings = SchedulerSettings(strategy=strategy, node_grace=grace)
     async with Scheduler(nc, settings, nats_settings=nats) as sched:
         await sched.wait_leader()
+        t0 = time.perf_counter()
         print("ready", flush=True)
+        await sched.wait_idle()
+        print(f"idle {time.perf_counter() - t0:.3f} {sched.stats.writes}", flush=True)
         await stop.wait()
     print(json.dumps(asdict(sched.stats)), flush=True)
     await nc.close()
+
+
+class Child:
+    """One scheduler process."""
+
+    def __init__(self, url: str, args: argparse.Namespace) -> None:
+        self.argv = [__file__, "--child", url, "--strategy", args.strategy]
+        self.argv += ["--grace", str(args.grace)]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, *self.argv, stdout=asyncio.subprocess.PIPE
+        )
+        assert (await self.line()) == "ready"
+
+    async def line(self) -> str:
+        assert self.proc is not None and self.proc.stdout is not None
+        return (await asyncio.wait_for(self.proc.stdout.readline(), 30)).decode().strip()
+
+    async def stop(self) -> dict[str, float]:
+        """SIGTERM (a clean close hands the lease over); the stats it printed."""
+        if self.proc is None:
+            return {}
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(self.proc.communicate(), 30)
+        lines = out.decode().strip().splitlines()
+        return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -176,23 +209,10 @@ async def main(args: argparse.Namespace) -> None:
             hb = asyncio.create_task(heartbeats())
             watch = Watch()
             watching = asyncio.create_task(watch.run(placements))
-
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                __file__,
-                "--child",
-                server.url,
-                "--strategy",
-                args.strategy,
-                "--grace",
-                str(args.grace),
-                stdout=asyncio.subprocess.PIPE,
-            )
-            assert proc.stdout is not None
+            first, second = Child(server.url, args), Child(server.url, args)
             try:
-                line = await asyncio.wait_for(proc.stdout.readline(), 30)
-                assert line.strip() == b"ready", line
-                await asyncio.sleep(0.5)  # the leader reads its (node-only) view
+                await first.start()
+                await first.line()  # idle: it has read the 1,000 nodes
 
                 # Phase 1: the user loads every model at once.
                 t0 = time.perf_counter()
@@ -216,32 +236,44 @@ async def main(args: argparse.Namespace) -> None:
                     watch.until(lambda: len(watch.recovered) == len(watch.lost_keys)), 60
                 )
                 recover_s = time.perf_counter() - t0
+
+                # Phase 3: a new leader rebuilds the whole view from KV and finds that
+                # nothing needs writing.
+                stats = await first.stop()
+                await second.start()
+                _, took, writes = (await second.line()).split()
+                rebuild_s, rebuild_writes = float(took), int(writes)
             finally:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                out, _ = await asyncio.wait_for(proc.communicate(), 30)
+                await first.stop()
+                await second.stop()
                 hb.cancel()
                 watching.cancel()
                 await asyncio.gather(hb, watching, return_exceptions=True)
                 await nc.close()
-            stats = json.loads(out.decode().strip().splitlines()[-1]) if out.strip() else {}
 
     gpus = sum(len(n.gpus) for n in infos)
+    live = args.nodes - len(lost)
     print(
         f"\n{args.nodes} nodes ({gpus} GPUs), {len(specs)} models, {args.replicas} replicas, "
         f"strategy {args.strategy}; scheduler in its own process; "
         f"model specs written in {written:.2f}s\n"
     )
+    rows = [
+        ("place all replicas (specs written at t0)", args.replicas, args.nodes, place_s),
+        ("lose 10% of nodes: re-place their replicas", len(watch.lost_keys), len(lost), recover_s),
+        ("... of which node grace (configured wait)", "", "", args.grace),
+        ("... beyond the grace (detect, plan, write)", "", "", recover_s - args.grace),
+        (
+            f"new leader: rebuild view from KV, reconcile ({rebuild_writes} writes)",
+            args.replicas,
+            live,
+            rebuild_s,
+        ),
+    ]
     print("| phase | replicas | nodes | seconds |")
     print("| --- | ---: | ---: | ---: |")
-    print(f"| place all replicas (specs written at t0) | {args.replicas} | {args.nodes} ", end="")
-    print(f"| {place_s:.2f} |")
-    print(
-        f"| lose 10% of nodes: re-place their replicas | {len(watch.lost_keys)} | {len(lost)} "
-        f"| {recover_s:.2f} |"
-    )
-    print(f"| ... of which node grace (configured wait) | | | {args.grace:.2f} |")
-    print(f"| ... beyond the grace (detect, plan, write) | | | {recover_s - args.grace:.2f} |")
+    for phase, replicas, n, secs in rows:
+        print(f"| {phase} | {replicas} | {n} | {secs:.2f} |")
     if stats:
         print(
             f"\nscheduler: {stats['passes']} passes, {stats['writes']} writes, "

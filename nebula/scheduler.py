@@ -2,9 +2,11 @@
 
 Several may run; one leads through a lease in the leader bucket (its TTL is the
 lease TTL). The leader ``create``\\s the key, then refreshes it with
-``update(last=revision)`` every third of the TTL; a standby retries ``create``
-until the key expires or is deleted (a clean close deletes it, so the standby
-takes over at once).
+``update(last=revision)`` every third of the TTL, and steps down when it could
+not for 0.6 TTL. A standby polls the key: it ``create``\\s it when it is gone
+(expired, or deleted by a leader's clean close, which it also sees live) and
+takes it with ``update(last=<revision it saw>)`` when no refresh came for 0.7
+TTL. So failover takes less than the lease TTL, and never two lead at once.
 
 The leader watches models, nodes and placements, keeps the whole view in memory,
 rebuilds it from KV whenever it becomes leader or NATS reconnects, and after each
@@ -133,8 +135,8 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._lease_sub: Subscription | None = None
         self._closed = asyncio.Event()
-        ttl = self.settings.lease_ttl
-        self._lease_js = nc.jetstream(timeout=max(ttl / 3, 0.2))
+        self._ttl = self.settings.lease_ttl
+        self._lease_js = nc.jetstream(timeout=max(self._ttl / 3, 0.2))
         self._js = nc.jetstream()
         self._lease_kv: KeyValue | None = None
         self._models_kv: KeyValue | None = None
@@ -190,13 +192,16 @@ class Scheduler:
                 self._js, s, subjects.NODES_BUCKET, ttl=natsio.NODE_TTL
             )
             status = await self._lease_kv.status()
-            if status.ttl is not None and abs(status.ttl - self.settings.lease_ttl) > 0.01:
+            if status.ttl and abs(status.ttl - self._ttl) > 0.01:
+                # The bucket (made by whoever came first) is the truth: a lease that
+                # expires before we refresh it would let a second leader in.
                 log.warning(
-                    "leader bucket has TTL %.1fs, not the configured lease TTL %.1fs: "
-                    "failover takes that long",
+                    "leader bucket has TTL %.1fs, not the configured %.1fs: using %.1fs",
                     status.ttl,
-                    self.settings.lease_ttl,
+                    self._ttl,
+                    status.ttl,
                 )
+                self._ttl = status.ttl
             # Every write to the leader key, seen live: a standby learns at once that
             # the key is gone instead of waiting for its next poll.
             self._lease_sub = await self.nc.subscribe(
@@ -230,16 +235,17 @@ class Scheduler:
             await self._closed.wait()
             return
         self._state = SchedulerState.CLOSING
-        was_leader, rev = self._leader, self._lease_rev
+        was_leader = self._leader
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        rev = self._lease_rev
         if was_leader and self._lease_kv is not None and self.nc.is_connected:
             # Only our own revision: never delete a successor's lease.
             with contextlib.suppress(TimeoutError, NatsError):
                 await asyncio.wait_for(
-                    self._lease_kv.delete(subjects.LEADER_KEY, last=rev), self.settings.lease_ttl
+                    self._lease_kv.delete(subjects.LEADER_KEY, last=rev), self._ttl
                 )
         if self._lease_sub is not None:
             with contextlib.suppress(NatsError):
@@ -277,7 +283,7 @@ class Scheduler:
         by then (``_STEP_DOWN`` < ``_TAKEOVER``, both counted from no later than its
         last refresh).
         """
-        ttl = self.settings.lease_ttl
+        ttl = self._ttl
         poll = min(0.25, ttl / 10)
         while True:
             self._lease_event.clear()
@@ -319,7 +325,7 @@ class Scheduler:
             self._seen_rev, self._seen_at = rev, now
             self._leader_id = (entry.value or b"").decode(errors="replace") or None
             return None
-        if now - self._seen_at < self.settings.lease_ttl * _TAKEOVER:
+        if now - self._seen_at < self._ttl * _TAKEOVER:
             return None
         self._lease_rev = await kv.update(subjects.LEADER_KEY, me, last=rev)
         log.warning("scheduler %s: lease of %s went stale", self.scheduler_id, self._leader_id)
@@ -355,7 +361,7 @@ class Scheduler:
         ``sent + _STEP_DOWN * ttl`` means two leaders never write at once, however
         slow or dead NATS is.
         """
-        ttl = self.settings.lease_ttl
+        ttl = self._ttl
         deadline = acquired_at + ttl * _STEP_DOWN
         wait = ttl / 3
         while True:
