@@ -22,8 +22,9 @@ from nats.js.errors import KeyNotFoundError
 
 from nebula import natsio, subjects
 from nebula.embedded import EmbeddedNats
+from nebula.errors import InvalidRequest
 from nebula.protocol import GpuInfo, ModelSpec, NodeInfo, Placement, PlacementState
-from nebula.scheduler import Scheduler
+from nebula.scheduler import Scheduler, SchedulerState
 from nebula.settings import NatsSettings, SchedulerSettings
 from tests.conftest import fresh_nats
 
@@ -109,6 +110,10 @@ class Cluster:
         assert entry.value is not None
         return msgspec.json.decode(entry.value, type=Placement)
 
+    async def state(self, model: str, replica: int) -> PlacementState | None:
+        p = await self.get(model, replica)
+        return None if p is None else p.state
+
     async def replicas(self, model: str, upto: int = 8) -> list[Placement]:
         found = [await self.get(model, r) for r in range(upto)]
         return [p for p in found if p is not None]
@@ -180,7 +185,7 @@ async def test_load_place_pending_ready_unload(
         writes = sched.stats.writes
         await asyncio.sleep(1.0)  # five heartbeat rounds
         assert sched.stats.writes == writes
-        assert (await cluster.get(big, 0)).state is S.READY  # type: ignore[union-attr]
+        assert await cluster.state(big, 0) is S.READY
 
         # Unload: Unloading until the node agent drains and deletes; then the pending
         # model gets the freed GPU.
@@ -190,7 +195,7 @@ async def test_load_place_pending_ready_unload(
             lambda ps: len(ps) == 2 and all(p.state is S.UNLOADING for p in ps),
         )
         assert all(p.node_id == b for p in unloading)
-        assert (await cluster.get(huge, 0)).state is S.PENDING  # type: ignore[union-attr]
+        assert await cluster.state(huge, 0) is S.PENDING
         for r in range(2):
             await cluster.placements.delete(subjects.placement_key(chat, r))
         (moved,) = await eventually(lambda: cluster.replicas(huge), placed(1))
@@ -378,3 +383,19 @@ async def test_nats_restart_reconverges(tmp_path: Path, unique: str) -> None:
         await sched_nc.close()
         await test_nc.close()
         await server.close()
+
+
+async def test_run_close_and_bad_settings(snc: Client, private_nats: NatsSettings) -> None:
+    with pytest.raises(InvalidRequest, match="strategy"):
+        Scheduler(snc, SchedulerSettings(strategy="random"))
+    sched = Scheduler(snc, SchedulerSettings(**FAST), nats_settings=private_nats)
+    assert sched.state is SchedulerState.NEW
+    runner = asyncio.create_task(sched.run())
+    async with asyncio.timeout(5):
+        await sched.wait_leader()
+    assert sched.state is SchedulerState.RUNNING and sched.leader_id == sched.scheduler_id
+    await sched.close()
+    async with asyncio.timeout(2):
+        await runner  # run() returns once closed
+    assert sched.state is SchedulerState.CLOSED and not sched.is_leader
+    await sched.close()
