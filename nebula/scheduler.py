@@ -605,10 +605,15 @@ class Scheduler:
         ops += [(key, None) for key in result.deleted]
         ok = await self._apply(ops) if ops else True
         if dead:
+            # Forget dead nodes nothing refers to any more (unless one beat meanwhile).
             referenced = {p.node_id for p in self._placements.values()}
+            later = time.monotonic()
             for node_id in dead - referenced:
-                del self._nodes[node_id]
-            self._node_sig = self._signature(now)
+                nv = self._nodes.get(node_id)
+                if nv is not None and not self._alive(nv, later):
+                    del self._nodes[node_id]
+            # What this pass saw, less the forgotten: a change since still triggers a pass.
+            self._node_sig = (frozenset(grace), frozenset(dead & self._nodes.keys()))
         return ok
 
     async def _apply(self, ops: list[tuple[PlacementKey, Placement | None]]) -> bool:
