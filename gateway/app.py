@@ -24,7 +24,6 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.dispatcher import Call, Dispatcher
 from gateway.errors import (
-    error_response,
     from_decode_error,
     http_error_handler,
     nebula_error_handler,
@@ -33,7 +32,8 @@ from gateway.errors import (
 )
 from gateway.registry import ModelRegistry
 from nebula import natsio
-from nebula.errors import NebulaError, PayloadTooLarge
+from nebula.admin import ClusterAdmin, LoadRequest
+from nebula.errors import ModelNotFound, NebulaError, PayloadTooLarge
 from nebula.openai_types import ChatCompletionRequest, CompletionRequest, Model, ModelList
 from nebula.protocol import Endpoint
 from nebula.settings import GatewaySettings, NatsSettings
@@ -86,6 +86,7 @@ class Gateway:
         self.dispatcher = Dispatcher(nc, settings, nats_settings, self.models, self.gateway_id)
         self.metrics = Metrics(registry or CollectorRegistry())
         self.hooks = hooks
+        self.admin: ClusterAdmin | None = None
         limit = settings.max_body_bytes
         if nc.max_payload:
             limit = min(limit, nc.max_payload - _HEADER_ROOM)
@@ -106,6 +107,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.dispatcher.start()
+        self.admin = await ClusterAdmin.open(self.nc, self.nats_settings)
         await self._watch()
         if self.hooks is not None:
             self.hooks.add(self._on_reconnect)
@@ -264,6 +266,45 @@ def create_app(gw: Gateway) -> FastAPI:
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
 
+    def admin() -> ClusterAdmin:
+        assert gw.admin is not None, "gateway not started"
+        return gw.admin
+
+    def as_json(obj: object, status: int = 200) -> Response:
+        return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+    async def admin_load(request: Request) -> Response:
+        body = await _read_body(request, gw.body_limit)
+        try:
+            req = msgspec.json.decode(body, type=LoadRequest)
+        except msgspec.DecodeError as e:
+            raise from_decode_error(e) from None
+        spec = await admin().load(req)
+        return as_json(spec, 201)
+
+    async def admin_unload(request: Request) -> Response:
+        name = request.path_params["name"]
+        await admin().unload(name)
+        return as_json({"id": name, "object": "model", "deleted": True})
+
+    async def admin_models(request: Request) -> Response:
+        return as_json({"object": "list", "data": await admin().models()})
+
+    async def admin_model(request: Request) -> Response:
+        name = request.path_params["name"]
+        for status in await admin().models():
+            if status.name == name:
+                return as_json(status)
+        raise ModelNotFound(f"model `{name}` is not loaded", param="name")
+
+    async def admin_nodes(request: Request) -> Response:
+        return as_json({"object": "list", "data": await admin().nodes()})
+
+    app.add_route("/v1/admin/models", admin_load, methods=["POST"])
+    app.add_route("/v1/admin/models", admin_models, methods=["GET"])
+    app.add_route("/v1/admin/models/{name:path}", admin_unload, methods=["DELETE"])
+    app.add_route("/v1/admin/models/{name:path}", admin_model, methods=["GET"])
+    app.add_route("/v1/admin/nodes", admin_nodes, methods=["GET"])
     app.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     app.add_route("/v1/models", list_models, methods=["GET"])
@@ -271,7 +312,6 @@ def create_app(gw: Gateway) -> FastAPI:
     app.add_route("/ready", ready, methods=["GET"])
     app.add_route("/metrics", prometheus, methods=["GET"])
     app.state.gateway = gw
-    _ = error_response  # re-exported for admin routes
     return app
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import msgspec
 
-from nebula.errors import NebulaError
+from nebula.admin import ClusterAdmin, ModelStatus, NodeStatus
+from nebula.errors import EngineError, NebulaError, Unavailable
 from nebula.settings import (
     DEFAULT_MAX_BODY,
     DEFAULT_NATS_PORT,
@@ -19,6 +23,7 @@ from nebula.settings import (
     EmbeddedNatsSettings,
     GatewaySettings,
     NatsSettings,
+    SchedulerSettings,
     WorkerSettings,
     default_data_dir,
 )
@@ -132,67 +137,67 @@ def gateway(nats_url: str, **kw: Any) -> None:
     _run(run_until_signal(serve))
 
 
-def worker_options(f: F) -> F:
+def engine_options(f: F) -> F:
+    """Engine flags shared by `nebula worker` and `nebula model load`."""
     opts = [
-        click.option("--model", required=True, help="Model name clients ask for."),
-        click.option(
-            "--engine", type=click.Choice(["sim", "openai"]), default="sim", show_default=True
-        ),
-        click.option(
-            "--max-concurrency",
-            default=8,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Jobs this worker runs at once.",
-        ),
-        click.option(
-            "--ttft-ms",
-            default=0.0,
-            show_default=True,
-            type=float,
-            help="sim: time to first token.",
-        ),
-        click.option(
-            "--itl-ms", default=0.0, show_default=True, type=float, help="sim: inter-token latency."
-        ),
+        click.option("--ttft-ms", type=float, default=None, help="sim: time to first token."),
+        click.option("--itl-ms", type=float, default=None, help="sim: inter-token latency."),
         click.option(
             "--max-tokens",
-            default=16,
-            show_default=True,
             type=int,
-            help="sim: tokens when the request sets no limit.",
+            default=None,
+            help="sim: tokens when a request sets no limit (default 16).",
         ),
         click.option(
             "--upstream-url", default=None, help="openai: base URL such as http://127.0.0.1:8001/v1"
         ),
         click.option("--upstream-api-key", default=None, envvar="NEBULA_UPSTREAM_API_KEY"),
         click.option(
-            "--upstream-model", default=None, help="openai: model name upstream (default: --model)."
+            "--upstream-model",
+            default=None,
+            help="openai: model name upstream (default: the Nebula model name).",
         ),
-        click.option("--worker-id", default=None, hidden=True),
-        click.option("--node-id", default="", hidden=True),
     ]
     for opt in reversed(opts):
         f = opt(f)
     return f
 
 
+_ENGINE_OPTION_KEYS = (
+    "ttft_ms", "itl_ms", "max_tokens", "upstream_url", "upstream_api_key", "upstream_model",
+)  # fmt: skip
+
+
+def _engine_options(kw: dict[str, Any]) -> dict[str, str]:
+    """The engine flags that were given, as the string options engines and specs carry."""
+    out = {}
+    for key in _ENGINE_OPTION_KEYS:
+        value = kw.pop(key, None)
+        if value is not None:
+            out[key] = f"{value:g}" if isinstance(value, float) else str(value)
+    return out
+
+
 @main.command()
 @nats_url_option
-@worker_options
+@click.option("--model", required=True, help="Model name clients ask for.")
+@click.option("--engine", type=click.Choice(["sim", "openai"]), default="sim", show_default=True)
+@click.option(
+    "--max-concurrency",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Jobs this worker runs at once.",
+)
+@engine_options
+@click.option("--worker-id", default=None, hidden=True)
+@click.option("--node-id", default="", hidden=True)
 def worker(nats_url: str, **kw: Any) -> None:
     """Run one engine worker for one model."""
     from nebula.procs import run_until_signal
     from workers.runner import WorkerProcess, build_engine
 
-    options = {
-        "ttft_ms": str(kw["ttft_ms"]),
-        "itl_ms": str(kw["itl_ms"]),
-        "max_tokens": str(kw["max_tokens"]),
-        "upstream_url": kw["upstream_url"] or "",
-        "upstream_api_key": kw["upstream_api_key"] or "",
-        "upstream_model": kw["upstream_model"] or "",
-    }
+    options = _engine_options(kw)
 
     async def serve(stop: asyncio.Event) -> None:
         engine = build_engine(kw["engine"], options, max_concurrency=kw["max_concurrency"])
@@ -266,6 +271,259 @@ def up(demo: bool, nats_url: str | None, nats_port: int, data_dir: Path | None, 
         echo=lambda line: click.echo(line, err=True),
     )
     _run(run_until_signal(stack.run))
+
+
+# --- control plane ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _admin(nats_url: str) -> AsyncIterator[ClusterAdmin]:
+    from nebula import natsio
+
+    settings = _nats(nats_url)
+    try:
+        nc = await natsio.connect(settings, name="nebula-cli", connect_timeout=3.0)
+    except NebulaError as e:
+        raise Unavailable(f"{e.message} (is `nebula up` or `nebula nats` running?)") from None
+    try:
+        yield await ClusterAdmin.open(nc, settings)
+    finally:
+        await natsio.close_connection(nc)
+
+
+@main.group()
+def model() -> None:
+    """Load, unload and list models (desired state in JetStream KV)."""
+
+
+@model.command("load")
+@click.argument("name")
+@nats_url_option
+@click.option("--engine", required=True, help="sim | openai (vllm and hf arrive later).")
+@click.option("--model-path", default=None, help="Weights directory or hub id for the engine.")
+@click.option("--replicas", default=1, show_default=True, type=int)
+@click.option(
+    "--gpu-memory",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Fraction of one GPU per replica (0 = CPU engine).",
+)
+@click.option(
+    "--max-concurrency",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Jobs each replica runs at once.",
+)
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only place on nodes with this label (repeatable).",
+)
+@engine_options
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="Wait until every replica is Ready (or Failed).",
+)
+@click.option("--timeout", default=300.0, show_default=True, type=float)
+@click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
+def model_load(name: str, nats_url: str, **kw: Any) -> None:
+    """Load model NAME: `nebula model load NAME --engine sim [-- engine args...]`."""
+    from nebula.admin import LoadRequest, parse_labels
+
+    options = _engine_options(kw)
+
+    async def go() -> None:
+        req = LoadRequest(
+            name=name,
+            engine=kw["engine"],
+            model_path=kw["model_path"],
+            replicas=kw["replicas"],
+            gpu_memory=kw["gpu_memory"],
+            max_concurrency=kw["max_concurrency"],
+            labels=parse_labels(kw["labels"]),
+            engine_args=list(kw["engine_args"]),
+            engine_options=options,
+        )
+        async with _admin(nats_url) as admin:
+            await admin.load(req)
+            click.echo(f"loading {name!r} ({req.engine}, {req.replicas} replica(s))")
+            if kw["wait"]:
+                await _wait_ready(admin, name, kw["timeout"])
+
+    _run(go())
+
+
+async def _wait_ready(admin: ClusterAdmin, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        status = next((m for m in await admin.models() if m.name == name), None)
+        if status is not None:
+            line = f"{status.state} {status.ready}/{status.replicas}" + (
+                f": {status.reason}" if status.reason else ""
+            )
+            if line != last:
+                click.echo(f"  {line}")
+                last = line
+            if status.state == "Ready":
+                return
+            if status.state == "Failed":
+                raise EngineError(f"model {name!r} failed to start: {status.reason}")
+        await asyncio.sleep(0.5)
+    raise Unavailable(f"model {name!r} not ready after {timeout:.0f}s ({last})")
+
+
+@model.command("unload")
+@click.argument("name")
+@nats_url_option
+def model_unload(name: str, nats_url: str) -> None:
+    """Unload model NAME: its replicas drain in-flight requests and stop."""
+
+    async def go() -> None:
+        async with _admin(nats_url) as admin:
+            await admin.unload(name)
+        click.echo(f"unloading {name!r}")
+
+    _run(go())
+
+
+# Xinference users type launch/terminate.
+model.add_command(model_load, "launch")
+model.add_command(model_unload, "terminate")
+
+
+@model.command("list")
+@nats_url_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def model_list(nats_url: str, as_json: bool) -> None:
+    """Desired models with replicas wanted/ready, state and nodes."""
+
+    async def go() -> None:
+        async with _admin(nats_url) as admin:
+            models = await admin.models()
+        if as_json:
+            click.echo(msgspec.json.encode(models).decode())
+            return
+        rows = [
+            [m.name, m.engine, f"{m.ready}/{m.replicas}",
+             m.state + (f" ({m.reason})" if m.reason else ""), ",".join(m.nodes) or "-"]
+            for m in models
+        ]  # fmt: skip
+        click.echo(_table(["MODEL", "ENGINE", "READY", "STATE", "NODES"], rows))
+
+    _run(go())
+
+
+@main.group()
+def cluster() -> None:
+    """Cluster views."""
+
+
+@cluster.command("status")
+@nats_url_option
+@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds.")
+@click.option("--interval", default=2.0, show_default=True, type=float)
+@click.option("--json", "as_json", is_flag=True)
+def cluster_status(nats_url: str, watch: bool, interval: float, as_json: bool) -> None:
+    """Nodes (heartbeat age, GPUs, free memory, placements) and models (queue depth)."""
+
+    async def go() -> None:
+        async with _admin(nats_url) as admin:
+            while True:
+                nodes, models = await admin.nodes(), await admin.models()
+                if as_json:
+                    click.echo(msgspec.json.encode({"nodes": nodes, "models": models}).decode())
+                else:
+                    text = _render_status(nodes, models)
+                    if watch:
+                        click.clear()
+                    click.echo(text)
+                if not watch:
+                    return
+                await asyncio.sleep(interval)
+
+    _run(go())
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}G"
+
+
+def _render_status(nodes: list[NodeStatus], models: list[ModelStatus]) -> str:
+    node_rows = []
+    for n in nodes:
+        gpus = (
+            " ".join(
+                f"gpu{g.index}:{_gib(g.memory_free)}/{_gib(g.memory_total)}"
+                f"(alloc {n.gpu_allocated.get(g.index, 0):.2f})"
+                for g in n.info.gpus
+            )
+            or "cpu only"
+        )
+        node_rows.append([
+            n.node_id, f"{n.heartbeat_age:.1f}s", gpus, str(n.info.cpu_count),
+            f"{_gib(n.info.memory_free)}/{_gib(n.info.memory_total)}",
+            ", ".join(n.placements) or "-",
+        ])  # fmt: skip
+    model_rows = [
+        [m.name, f"{m.ready}/{m.replicas}", m.state + (f" ({m.reason})" if m.reason else ""),
+         str(m.queued), ",".join(m.nodes) or "-"]
+        for m in models
+    ]  # fmt: skip
+    return (
+        f"NODES ({len(nodes)})\n"
+        + _table(["NODE", "HEARTBEAT", "GPUS free/total", "CPUS", "MEM free/total",
+                  "PLACEMENTS"], node_rows)
+        + f"\n\nMODELS ({len(models)})\n"
+        + _table(["MODEL", "READY", "STATE", "QUEUED", "NODES"], model_rows)
+    )  # fmt: skip
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "  ".join(header) + "\n(none)"
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    )
+
+
+@main.command()
+@nats_url_option
+@click.option(
+    "--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True
+)
+@click.option(
+    "--node-grace",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Seconds a silent node keeps its replicas before they move.",
+)
+def scheduler(nats_url: str, strategy: str, node_grace: float) -> None:
+    """Run a scheduler (several may run: one leads, the others stand by)."""
+    from nebula import natsio
+    from nebula.procs import run_until_signal
+    from nebula.scheduler import Scheduler
+
+    async def serve(stop: asyncio.Event) -> None:
+        settings = SchedulerSettings.from_env(strategy=strategy, node_grace=node_grace)
+        nc = await natsio.connect(_nats(nats_url), name="nebula-scheduler")
+        try:
+            async with Scheduler(nc, settings, nats_settings=_nats(nats_url)):
+                click.echo(f"nebula scheduler ({strategy}) on {nats_url}", err=True)
+                await stop.wait()
+        finally:
+            await natsio.close_connection(nc)
+
+    _run(run_until_signal(serve))
 
 
 if __name__ == "__main__":

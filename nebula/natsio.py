@@ -6,8 +6,10 @@ so no process depends on start order and no state lives outside JetStream.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from urllib.parse import urlparse
 from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
@@ -81,9 +83,13 @@ async def connect(
         if on_reconnect is not None:
             await on_reconnect()
 
+    servers = [u.strip() for u in settings.url.split(",") if u.strip()]
+    # nats-py retries an unreachable first server forever when reconnects are on:
+    # probe first so an absent NATS is a clear error, not a hang.
+    await _probe(servers, connect_timeout)
     try:
         nc = await nats.connect(
-            settings.url,
+            servers,
             name=name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,
@@ -97,6 +103,22 @@ async def connect(
         raise Unavailable(f"cannot reach NATS at {settings.url}: {e or type(e).__name__}") from e
     client.append(nc)
     return nc
+
+
+async def _probe(servers: list[str], timeout: float) -> None:
+    errors = []
+    for url in servers:
+        parsed = urlparse(url if "://" in url else f"nats://{url}")
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(parsed.hostname, parsed.port or 4222)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+            return
+        except (OSError, TimeoutError) as e:
+            errors.append(f"{url}: {e.strerror if isinstance(e, OSError) and e.strerror else e}")
+    raise Unavailable(f"cannot reach NATS at {', '.join(errors) or 'no server given'}")
 
 
 async def ensure_request_stream(
@@ -178,3 +200,31 @@ async def close_connection(nc: Client) -> None:
         log.debug("drain failed: %s", e)
     with contextlib.suppress(Exception):
         await nc.close()
+
+
+async def placements_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
+    return await ensure_bucket(js, settings, subjects.PLACEMENTS_BUCKET)
+
+
+async def nodes_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
+    return await ensure_bucket(js, settings, subjects.NODES_BUCKET, ttl=NODE_TTL)
+
+
+async def read_all(kv: KeyValue) -> dict[str, KeyValue.Entry]:
+    """Every live key of a bucket in one pass (a watch of last values, then stop)."""
+    out: dict[str, KeyValue.Entry] = {}
+    watcher = await kv.watchall()
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                out.pop(entry.key, None)
+            else:
+                out[entry.key] = entry
+            if entry.delta == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()
+    return out

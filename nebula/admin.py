@@ -1,0 +1,272 @@
+"""Model lifecycle and cluster views over the KV buckets.
+
+One implementation behind both the CLI (``nebula model ...``, ``nebula cluster
+status``) and the gateway's admin API, so both validate and answer alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import msgspec
+from nats.aio.client import Client
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from nebula import natsio, subjects
+from nebula.errors import Conflict, InvalidRequest, ModelNotFound
+from nebula.protocol import ModelSpec, NodeInfo, Placement, PlacementState
+from nebula.settings import NatsSettings
+
+# Engines that run here today, and those announced but not yet built.
+ENGINES = ("sim", "openai")
+COMING = {"vllm": "the vLLM engine", "hf": "the transformers/sentence-transformers engine"}
+
+# engine -> the engine_options keys it understands.
+ENGINE_OPTIONS = {
+    "sim": {"ttft_ms", "itl_ms", "max_tokens"},
+    "openai": {"upstream_url", "upstream_api_key", "upstream_model"},
+}
+
+
+class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/admin/models`` (and what the CLI builds from its flags)."""
+
+    name: str
+    engine: str
+    model_path: str | None = None
+    replicas: int = 1
+    gpu_memory: float = 0.0
+    max_concurrency: int = 8
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    engine_args: list[str] = msgspec.field(default_factory=list)
+    engine_options: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def validate(req: LoadRequest) -> ModelSpec:
+    if not req.name or not req.name.strip():
+        raise InvalidRequest("model name must not be empty", param="name")
+    if req.engine in COMING:
+        raise InvalidRequest(
+            f"engine {req.engine!r} ({COMING[req.engine]}) is not available yet; "
+            f"available engines: {', '.join(ENGINES)}",
+            param="engine",
+        )
+    if req.engine not in ENGINES:
+        raise InvalidRequest(
+            f"unknown engine {req.engine!r}; available engines: {', '.join(ENGINES)}",
+            param="engine",
+        )
+    if req.replicas < 1:
+        raise InvalidRequest(f"replicas must be 1 or more, got {req.replicas}", param="replicas")
+    if not 0.0 <= req.gpu_memory <= 1.0:
+        raise InvalidRequest(
+            f"gpu_memory is a fraction of one GPU between 0 and 1, got {req.gpu_memory}",
+            param="gpu_memory",
+        )
+    if req.max_concurrency < 1:
+        raise InvalidRequest("max_concurrency must be 1 or more", param="max_concurrency")
+    unknown = set(req.engine_options) - ENGINE_OPTIONS[req.engine]
+    if unknown:
+        raise InvalidRequest(
+            f"engine {req.engine!r} does not take option(s) {', '.join(sorted(unknown))}",
+            param="engine_options",
+        )
+    if req.engine == "openai" and not req.engine_options.get("upstream_url"):
+        raise InvalidRequest("the openai engine needs upstream_url", param="upstream_url")
+    for key in ("ttft_ms", "itl_ms", "max_tokens"):
+        if key in req.engine_options:
+            try:
+                float(req.engine_options[key])
+            except ValueError:
+                raise InvalidRequest(f"{key} must be a number", param=key) from None
+    return ModelSpec(
+        name=req.name,
+        engine=req.engine,
+        model_path=req.model_path,
+        replicas=req.replicas,
+        gpu_memory=req.gpu_memory,
+        max_concurrency=req.max_concurrency,
+        labels=dict(req.labels),
+        engine_args=list(req.engine_args),
+        engine_options=dict(req.engine_options),
+        created_at=time.time(),
+    )
+
+
+class ModelStatus(msgspec.Struct, kw_only=True):
+    name: str
+    engine: str
+    replicas: int
+    ready: int
+    state: str
+    reason: str = ""
+    nodes: list[str] = msgspec.field(default_factory=list)
+    queued: int = 0
+    spec: ModelSpec | None = None
+    placements: list[Placement] = msgspec.field(default_factory=list)
+
+
+class NodeStatus(msgspec.Struct, kw_only=True):
+    node_id: str
+    heartbeat_age: float
+    info: NodeInfo
+    placements: list[str] = msgspec.field(default_factory=list)
+    gpu_allocated: dict[int, float] = msgspec.field(default_factory=dict)
+
+
+def summarize(spec: ModelSpec, placements: list[Placement], queued: int = 0) -> ModelStatus:
+    ready = sum(p.state is PlacementState.READY for p in placements)
+    by_state = {s: [p for p in placements if p.state is s] for s in PlacementState}
+    reason = ""
+    if ready >= spec.replicas:
+        state = "Ready"
+    elif by_state[PlacementState.FAILED]:
+        state, reason = "Failed", by_state[PlacementState.FAILED][0].reason
+    elif by_state[PlacementState.PENDING]:
+        state, reason = "Pending", by_state[PlacementState.PENDING][0].reason
+    elif not placements:
+        state, reason = "Pending", "waiting for the scheduler"
+    elif ready:
+        state = "Degraded"
+    else:
+        state = "Starting"
+    nodes = sorted({p.node_id for p in placements if p.node_id})
+    return ModelStatus(
+        name=spec.name,
+        engine=spec.engine,
+        replicas=spec.replicas,
+        ready=ready,
+        state=state,
+        reason=reason,
+        nodes=nodes,
+        queued=queued,
+        spec=spec,
+        placements=sorted(placements, key=lambda p: p.replica),
+    )
+
+
+class ClusterAdmin:
+    """``admin = await ClusterAdmin.open(nc, settings)``; the connection stays the caller's."""
+
+    def __init__(
+        self,
+        nc: Client,
+        models: KeyValue,
+        placements: KeyValue,
+        nodes: KeyValue,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.models_kv = models
+        self.placements_kv = placements
+        self.nodes_kv = nodes
+
+    @classmethod
+    async def open(cls, nc: Client, settings: NatsSettings) -> ClusterAdmin:
+        js = nc.jetstream()
+        return cls(
+            nc,
+            await natsio.models_bucket(js, settings),
+            await natsio.placements_bucket(js, settings),
+            await natsio.nodes_bucket(js, settings),
+        )
+
+    async def load(self, req: LoadRequest) -> ModelSpec:
+        spec = validate(req)
+        try:
+            await self.models_kv.create(subjects.model_key(spec.name), msgspec.json.encode(spec))
+        except KeyWrongLastSequenceError:
+            raise Conflict(
+                f"model `{spec.name}` is already loaded; unload it first to change it",
+                param="name",
+            ) from None
+        return spec
+
+    async def unload(self, name: str) -> None:
+        key = subjects.model_key(name)
+        try:
+            entry = await self.models_kv.get(key)
+        except (KeyNotFoundError, NotFoundError):
+            raise ModelNotFound(f"model `{name}` is not loaded", param="name") from None
+        if entry.value is None:
+            raise ModelNotFound(f"model `{name}` is not loaded", param="name")
+        await self.models_kv.delete(key)
+
+    async def _specs(self) -> dict[str, ModelSpec]:
+        out = {}
+        for entry in (await natsio.read_all(self.models_kv)).values():
+            assert entry.value is not None
+            spec = msgspec.json.decode(entry.value, type=ModelSpec)
+            out[spec.name] = spec
+        return out
+
+    async def _placements(self) -> list[Placement]:
+        return [
+            msgspec.json.decode(e.value, type=Placement)
+            for e in (await natsio.read_all(self.placements_kv)).values()
+            if e.value
+        ]
+
+    async def queue_depths(self) -> dict[str, int]:
+        try:
+            info = await self.js.stream_info(subjects.REQ_STREAM, subjects_filter=">")
+        except Exception:
+            return {}
+        depths: dict[str, int] = {}
+        for subject, count in (info.state.subjects or {}).items():
+            depths[subjects.model_from_token(subject.rsplit(".", 1)[-1])] = count
+        return depths
+
+    async def models(self) -> list[ModelStatus]:
+        specs = await self._specs()
+        by_model: dict[str, list[Placement]] = {}
+        for p in await self._placements():
+            by_model.setdefault(p.model, []).append(p)
+        depths = await self.queue_depths()
+        return [
+            summarize(spec, by_model.get(name, []), depths.get(name, 0))
+            for name, spec in sorted(specs.items())
+        ]
+
+    async def nodes(self) -> list[NodeStatus]:
+        entries = await natsio.read_all(self.nodes_kv)
+        placements = await self._placements()
+        per_node: dict[str, list[Placement]] = {}
+        for p in placements:
+            if p.node_id:
+                per_node.setdefault(p.node_id, []).append(p)
+        now = time.time()
+        out = []
+        for entry in entries.values():
+            assert entry.value is not None
+            info = msgspec.json.decode(entry.value, type=NodeInfo)
+            mine = per_node.get(info.node_id, [])
+            alloc: dict[int, float] = {}
+            for p in mine:
+                for g in p.gpu_ids:
+                    alloc[g] = round(alloc.get(g, 0.0) + p.memory_fraction, 4)
+            out.append(
+                NodeStatus(
+                    node_id=info.node_id,
+                    heartbeat_age=max(0.0, now - (info.heartbeat_at or now)),
+                    info=info,
+                    placements=sorted(f"{p.model}#{p.replica} {p.state.value}" for p in mine),
+                    gpu_allocated=alloc,
+                )
+            )
+        return sorted(out, key=lambda n: n.node_id)
+
+
+def parse_labels(pairs: Mapping[str, str] | list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["gpu=a100", "zone=eu"]`` -> dict; a pair without ``=`` is an error."""
+    if isinstance(pairs, Mapping):
+        return dict(pairs)
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"label {pair!r} is not key=value", param="labels")
+        out[key] = value
+    return out
