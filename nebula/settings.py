@@ -149,3 +149,58 @@ class SchedulerSettings:
             node_grace=float(_env("NODE_GRACE", "10")),
         )
         return _replace(base, overrides)
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``"zone=a,gpu=h100"`` -> ``{"zone": "a", "gpu": "h100"}``."""
+    from nebula.errors import InvalidRequest
+
+    labels: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidRequest(f"label {item.strip()!r} is not key=value", param="label")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeSettings:
+    """The node agent (``nebula node``): one per machine."""
+
+    # Defaults to the host name; must be unique in the cluster.
+    node_id: str | None = None
+    # Matched against a model's label selector (``nebula model load --label``).
+    labels: dict[str, str] = field(default_factory=dict)
+    # Simulated GPUs ("2x80GiB", "80GiB,40GiB") instead of asking NVML; "" means none.
+    simulated_gpus: str | None = None
+    # Worker log files (one per placement); default: <data dir>/logs/<node id>.
+    log_dir: Path | None = None
+    # Heartbeats to the nodes bucket; the scheduler's node_ttl allows a few missed ones.
+    heartbeat_interval: float = 2.0
+    # Consecutive crashes after which a placement is marked Failed (and not restarted).
+    max_crashes: int = 5
+    # Restart delay after a crash: backoff_initial, doubling, at most backoff_max.
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    # A worker that ran this long before crashing starts a new crash count.
+    stable_after: float = 60.0
+    # A worker that has not reported ready this long after start counts as crashed.
+    ready_timeout: float = 600.0
+    # SIGTERM, then this long to drain in-flight requests, then SIGKILL.
+    stop_timeout: float = 40.0
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> NodeSettings:
+        log_dir = _env("NODE_LOG_DIR", "")
+        base = cls(
+            node_id=_env("NODE_ID", "") or None,
+            labels=parse_labels(_env("NODE_LABELS", "")),
+            simulated_gpus=os.environ.get("NEBULA_SIMULATED_GPUS"),
+            log_dir=Path(log_dir) if log_dir else None,
+            heartbeat_interval=float(_env("NODE_HEARTBEAT_INTERVAL", "2")),
+            max_crashes=int(_env("NODE_MAX_CRASHES", "5")),
+        )
+        return _replace(base, overrides)
