@@ -256,9 +256,19 @@ def nats_cmd(host: str, nats_port: int, data_dir: Path | None) -> None:
     default=None,
     help="Where NATS data and logs go (default: a per-user data folder).",
 )
+@click.option("--gpus", default=None, help="Simulated GPUs for the local node, e.g. 2x80GiB.")
+@click.option("--node-id", default=None, help="Local node id (default: host name).")
 @gateway_options
-def up(demo: bool, nats_url: str | None, nats_port: int, data_dir: Path | None, **kw: Any) -> None:
-    """Everything on one machine: NATS, gateway (and with --demo a sim-chat worker)."""
+def up(
+    demo: bool,
+    nats_url: str | None,
+    nats_port: int,
+    data_dir: Path | None,
+    gpus: str | None,
+    node_id: str | None,
+    **kw: Any,
+) -> None:
+    """Everything on one machine: NATS, gateway, scheduler, node agent (--demo: sim-chat)."""
     from nebula.procs import run_until_signal
     from nebula.up import Stack
 
@@ -269,6 +279,8 @@ def up(demo: bool, nats_url: str | None, nats_port: int, data_dir: Path | None, 
         data_dir=data_dir or default_data_dir(),
         demo=demo,
         echo=lambda line: click.echo(line, err=True),
+        gpus=gpus,
+        node_id=node_id,
     )
     _run(run_until_signal(stack.run))
 
@@ -522,6 +534,50 @@ def scheduler(nats_url: str, strategy: str, node_grace: float) -> None:
                 await stop.wait()
         finally:
             await natsio.close_connection(nc)
+
+    _run(run_until_signal(serve))
+
+
+@main.command()
+@nats_url_option
+@click.option("--node-id", default=None, help="Unique node id (default: host name).")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Node label, matched by `model load --label` (repeatable).",
+)
+@click.option(
+    "--gpus", default=None, help="Simulated GPUs instead of NVML, e.g. 2x80GiB or 80GiB,40GiB."
+)
+@click.option(
+    "--log-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Worker logs (default: the data folder).",
+)
+def node(
+    nats_url: str,
+    node_id: str | None,
+    labels: tuple[str, ...],
+    gpus: str | None,
+    log_dir: Path | None,
+) -> None:
+    """Run the node agent: inventory, heartbeats, one worker process per placement."""
+    from nebula.admin import parse_labels
+    from nebula.procs import run_until_signal
+    from nebula.settings import NodeSettings
+    from workers.node import NodeAgent
+
+    async def serve(stop: asyncio.Event) -> None:
+        overrides: dict[str, Any] = {"node_id": node_id, "simulated_gpus": gpus, "log_dir": log_dir}
+        if labels:
+            overrides["labels"] = parse_labels(labels)
+        settings = NodeSettings.from_env(**overrides)
+        async with NodeAgent(settings, _nats(nats_url)) as agent:
+            click.echo(f"nebula node {agent.node_id} on {nats_url}", err=True)
+            await stop.wait()
 
     _run(run_until_signal(serve))
 

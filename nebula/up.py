@@ -1,7 +1,9 @@
 """``nebula up``: the whole fabric on one machine, as a tree of child processes.
 
-Order matters both ways: NATS first, then the gateway and workers; on Ctrl-C the
-gateway stops taking requests first, workers drain, NATS goes last.
+Order matters both ways: NATS first, then gateway, scheduler and node agent (which
+starts workers for placements); on Ctrl-C the gateway stops taking requests
+first, the node agent drains its workers, the scheduler goes, NATS goes last.
+``--demo`` loads ``sim-chat`` through the same path as ``nebula model load``.
 """
 
 from __future__ import annotations
@@ -14,12 +16,21 @@ from pathlib import Path
 
 import httpx
 
-from nebula import procs
+from nebula import natsio, procs
+from nebula.admin import ClusterAdmin, LoadRequest
 from nebula.embedded import EmbeddedNats
-from nebula.errors import Unavailable
-from nebula.settings import EmbeddedNatsSettings, GatewaySettings
+from nebula.errors import Conflict, Unavailable
+from nebula.settings import EmbeddedNatsSettings, GatewaySettings, NatsSettings
 
 DEMO_MODEL = "sim-chat"
+DEMO_LOAD = LoadRequest(
+    name=DEMO_MODEL,
+    engine="sim",
+    max_concurrency=64,
+    engine_options={"ttft_ms": "20", "itl_ms": "10", "max_tokens": "32"},
+)
+# Stop order on the way down.
+_STOP_ORDER = ("gateway", "node", "scheduler")
 
 
 @dataclass
@@ -30,6 +41,8 @@ class Stack:
     data_dir: Path
     demo: bool
     echo: Callable[[str], None]
+    gpus: str | None = None
+    node_id: str | None = None
     _children: list[tuple[str, asyncio.subprocess.Process]] = field(default_factory=list)
 
     @property
@@ -55,10 +68,12 @@ class Stack:
             base = f"http://{self.gateway.host}:{self.gateway.port}"
             await self._wait_http(f"{base}/ready", lambda r: r.status_code == 200)
             if self.demo:
+                await self._load_demo(url)
                 await self._wait_http(
                     f"{base}/v1/models", lambda r: DEMO_MODEL in r.text, what=DEMO_MODEL
                 )
             self.echo(f"gateway   {base}/v1  (OpenAI API; /health /ready /metrics)")
+            self.echo("control   nebula model load|unload|list, nebula cluster status")
             if self.demo:
                 self.echo(f"model     {DEMO_MODEL}  (simulated engine)")
                 self.echo(
@@ -84,12 +99,25 @@ class Stack:
             "--keepalive-timeout", str(g.keepalive_timeout),
         )  # fmt: skip
         await self._spawn("gateway", gateway_argv, env)
-        if self.demo:
-            demo_argv = procs.nebula_argv(
-                "worker", "--model", DEMO_MODEL, "--engine", "sim", "--max-concurrency", "64",
-                "--ttft-ms", "20", "--itl-ms", "10", "--max-tokens", "32",
-            )  # fmt: skip
-            await self._spawn("worker-sim-chat", demo_argv, env)
+        await self._spawn("scheduler", procs.nebula_argv("scheduler"), env)
+        node_argv = procs.nebula_argv("node", "--log-dir", str(self.log_dir / "workers"))
+        if self.gpus:
+            node_argv += ["--gpus", self.gpus]
+        if self.node_id:
+            node_argv += ["--node-id", self.node_id]
+        await self._spawn("node", node_argv, env)
+
+    async def _load_demo(self, nats_url: str) -> None:
+        settings = NatsSettings(url=nats_url)
+        nc = await natsio.connect(settings, name="nebula-up")
+        try:
+            admin = await ClusterAdmin.open(nc, settings)
+            try:
+                await admin.load(DEMO_LOAD)
+            except Conflict:
+                pass  # loaded by an earlier `nebula up --demo`: desired state persists
+        finally:
+            await natsio.close_connection(nc)
 
     async def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
         proc = await procs.spawn(argv, env=env, log_file=self.log_dir / f"{name}.log")
@@ -131,7 +159,8 @@ class Stack:
             fut.cancel()
 
     async def _stop_children(self) -> None:
-        # The gateway first (no new work), then workers (they drain in-flight jobs).
-        for _name, proc in self._children:
-            await procs.stop(proc)
+        # The gateway first (no new work), then the node agent (its workers drain).
+        rank = {name: i for i, name in enumerate(_STOP_ORDER)}
+        for _name, proc in sorted(self._children, key=lambda c: rank.get(c[0], len(rank))):
+            await procs.stop(proc, timeout=60.0)
         self._children.clear()
