@@ -7,7 +7,6 @@ status``) and the gateway's admin API, so both validate and answer alike.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 
 import msgspec
 from nats.aio.client import Client
@@ -257,16 +256,3 @@ class ClusterAdmin:
                 )
             )
         return sorted(out, key=lambda n: n.node_id)
-
-
-def parse_labels(pairs: Mapping[str, str] | list[str] | tuple[str, ...]) -> dict[str, str]:
-    """``["gpu=a100", "zone=eu"]`` -> dict; a pair without ``=`` is an error."""
-    if isinstance(pairs, Mapping):
-        return dict(pairs)
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"label {pair!r} is not key=value", param="labels")
-        out[key] = value
-    return out

@@ -346,7 +346,8 @@ def model() -> None:
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def model_load(name: str, nats_url: str, **kw: Any) -> None:
     """Load model NAME: `nebula model load NAME --engine sim [-- engine args...]`."""
-    from nebula.admin import LoadRequest, parse_labels
+    from nebula.admin import LoadRequest
+    from nebula.settings import parse_labels
 
     options = _engine_options(kw)
 
@@ -565,9 +566,8 @@ def node(
     log_dir: Path | None,
 ) -> None:
     """Run the node agent: inventory, heartbeats, one worker process per placement."""
-    from nebula.admin import parse_labels
     from nebula.procs import run_until_signal
-    from nebula.settings import NodeSettings
+    from nebula.settings import NodeSettings, parse_labels
     from workers.node import NodeAgent
 
     async def serve(stop: asyncio.Event) -> None:

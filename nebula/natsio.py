@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from urllib.parse import urlparse
 from collections.abc import Awaitable, Callable
+from urllib.parse import urlparse
 
+import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -24,7 +25,6 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
-import nats
 from nebula import subjects
 from nebula.errors import Unavailable
 from nebula.settings import NatsSettings

@@ -7,6 +7,7 @@ flags whose defaults come from the same environment variables.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,12 +152,13 @@ class SchedulerSettings:
         return _replace(base, overrides)
 
 
-def parse_labels(text: str) -> dict[str, str]:
-    """``"zone=a,gpu=h100"`` -> ``{"zone": "a", "gpu": "h100"}``."""
+def parse_labels(text: str | Iterable[str]) -> dict[str, str]:
+    """``"zone=a,gpu=h100"`` or ``["zone=a", "gpu=h100"]`` -> ``{"zone": "a", "gpu": "h100"}``."""
     from nebula.errors import InvalidRequest
 
+    items = text.split(",") if isinstance(text, str) else list(text)
     labels: dict[str, str] = {}
-    for item in text.split(","):
+    for item in items:
         if not item.strip():
             continue
         key, sep, value = item.partition("=")
