@@ -12,7 +12,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from types import TracebackType
 
 import msgspec
 from fastapi import FastAPI
@@ -36,6 +35,7 @@ from nebula.admin import ClusterAdmin, LoadRequest
 from nebula.errors import ModelNotFound, NebulaError, PayloadTooLarge
 from nebula.openai_types import ChatCompletionRequest, CompletionRequest, Model, ModelList
 from nebula.protocol import Endpoint
+from nebula.service import Service
 from nebula.settings import GatewaySettings, NatsSettings
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Metrics:
         )
 
 
-class Gateway:
+class Gateway(Service):
     """Owns the dispatcher and registry over a NATS connection it is given."""
 
     def __init__(
@@ -92,18 +92,6 @@ class Gateway:
             limit = min(limit, nc.max_payload - _HEADER_ROOM)
         self.body_limit = limit
         self._closed = False
-
-    async def __aenter__(self) -> Gateway:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         await self.dispatcher.start()

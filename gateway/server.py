@@ -5,19 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from types import TracebackType
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway, create_app
 from nebula import natsio
+from nebula.service import Service
 from nebula.settings import GatewaySettings, NatsSettings
 
 log = logging.getLogger(__name__)
 
 
-class GatewayServer:
+class GatewayServer(Service):
     """``async with GatewayServer(...) as s: ... s.base_url``; port 0 picks a free port."""
 
     def __init__(
@@ -39,18 +39,6 @@ class GatewayServer:
     @property
     def base_url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
-
-    async def __aenter__(self) -> GatewayServer:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         nc = await natsio.connect(

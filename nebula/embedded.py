@@ -11,9 +11,9 @@ import socket
 import sysconfig
 import time
 from pathlib import Path
-from types import TracebackType
 
 from nebula.errors import Unavailable
+from nebula.service import Service
 from nebula.settings import EmbeddedNatsSettings
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "nats" / "nebula.conf"
@@ -30,7 +30,7 @@ def nats_server_binary() -> str:
     return found
 
 
-class EmbeddedNats:
+class EmbeddedNats(Service):
     """Runs one nats-server child process; ``async with`` starts it and stops it."""
 
     def __init__(self, settings: EmbeddedNatsSettings, *, log_file: Path | None = None) -> None:
@@ -39,18 +39,6 @@ class EmbeddedNats:
         self.proc: asyncio.subprocess.Process | None = None
         self.url: str = settings.url
         self._ports_dir = settings.store_dir / "ports"
-
-    async def __aenter__(self) -> EmbeddedNats:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self, timeout: float = 20.0) -> None:
         s = self.settings

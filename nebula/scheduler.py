@@ -45,6 +45,7 @@ from nebula import natsio, subjects
 from nebula.errors import Unavailable
 from nebula.placement import PlacementKey, check_strategy, plan
 from nebula.protocol import ModelSpec, NodeInfo, Placement
+from nebula.service import Service
 from nebula.settings import NatsSettings, SchedulerSettings
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _default_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-class Scheduler:
+class Scheduler(Service):
     """``async with Scheduler(nc, settings) as s: await s.run()``.
 
     ``nc`` is a connected client (reconnecting by itself, see
@@ -167,13 +168,6 @@ class Scheduler:
     def leader_id(self) -> str | None:
         """Who holds the lease as far as this instance last saw (``None``: nobody)."""
         return self.scheduler_id if self._leader else self._leader_id
-
-    async def __aenter__(self) -> Scheduler:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def start(self) -> None:
         if self._state is not SchedulerState.NEW:

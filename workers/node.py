@@ -36,7 +36,6 @@ import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 import msgspec
 from nats.aio.client import Client
@@ -49,6 +48,7 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from nebula import natsio, procs, subjects
 from nebula.errors import Unavailable
 from nebula.protocol import GpuInfo, ModelSpec, NodeInfo, Placement, PlacementState, WorkerInfo
+from nebula.service import Service
 from nebula.settings import NatsSettings, NodeSettings, default_data_dir
 from workers import gpu
 from workers.engines import ENGINE_KINDS
@@ -564,7 +564,7 @@ class _Replica:
         await self.stop_worker()
 
 
-class NodeAgent:
+class NodeAgent(Service):
     """``async with NodeAgent(NodeSettings(...), nats_settings) as agent: ...``.
 
     Pass ``nc`` to share a connected client (the agent then never closes it, and
@@ -658,18 +658,6 @@ class NodeAgent:
         ]
 
     # --- lifecycle -----------------------------------------------------------------
-
-    async def __aenter__(self) -> NodeAgent:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         if self._state is not AgentState.NEW:

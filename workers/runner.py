@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from types import TracebackType
-
 from nebula import natsio
 from nebula.errors import InvalidRequest
+from nebula.service import Service
 from nebula.settings import NatsSettings, OpenAIUpstreamSettings, SimSettings, WorkerSettings
 from workers.engines import ENGINE_KINDS, Engine
 from workers.engines.openai_bridge import OpenAIEngine
@@ -41,7 +40,7 @@ def build_engine(kind: str, options: dict[str, str], *, max_concurrency: int) ->
     )
 
 
-class WorkerProcess:
+class WorkerProcess(Service):
     """Connection + engine + worker, started and stopped in the right order."""
 
     def __init__(
@@ -58,18 +57,6 @@ class WorkerProcess:
         self.node_id = node_id
         self.hooks = natsio.ReconnectHooks()
         self.worker: Worker | None = None
-
-    async def __aenter__(self) -> WorkerProcess:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         await self.engine.start()

@@ -20,7 +20,6 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
 
 import msgspec
 from nats.aio.client import Client
@@ -33,6 +32,7 @@ from nebula import natsio, subjects
 from nebula.errors import DeadlineExceeded, EngineError, InvalidRequest, NebulaError, WorkerLost
 from nebula.openai_types import SSE_DONE, StreamFlags, sse
 from nebula.protocol import Endpoint, FrameKind, WorkerInfo
+from nebula.service import Service
 from nebula.settings import NatsSettings, WorkerSettings
 from workers.engines.base import Engine, Job
 
@@ -62,7 +62,7 @@ class _InFlight:
     last_sent: float = 0.0
 
 
-class Worker:
+class Worker(Service):
     """``async with Worker(...) as w: await w.wait_closed()``."""
 
     def __init__(
@@ -103,18 +103,6 @@ class Worker:
         self._hdr_base = {subjects.H_WORKER: self.worker_id}
 
     # --- lifecycle -----------------------------------------------------------
-
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def start(self) -> None:
         js = self.nc.jetstream()
