@@ -187,3 +187,28 @@ async def test_nats_restart_everything_reconnects(tmp_path: Path, unique: str) -
             print(f"recovered {time.monotonic() - t0:.2f}s after NATS came back")
     finally:
         await server.close()
+
+
+async def test_worker_drain_loses_no_job(fabric: Fabric, unique: str) -> None:
+    """A worker stopping (unload, scale-down) finishes its jobs and hands queued ones on."""
+    model = f"drain-{unique}"
+    gw = await fabric.gateway()
+    leaving = await fabric.worker(model, max_concurrency=4, ttft_ms=30, itl_ms=5)
+    staying = await fabric.worker(model, max_concurrency=4, ttft_ms=30, itl_ms=5)
+    client = await fabric.client(gw)
+    stop_at = time.monotonic() + 3.0
+    done: list[int] = []
+
+    async def user() -> None:
+        while time.monotonic() < stop_at:
+            stream = await client.chat.completions.create(model=model, messages=MSG, stream=True)
+            chunks = [c async for c in stream]
+            assert chunks[-1].choices[0].finish_reason == "stop"
+            done.append(1)
+
+    users = asyncio.gather(*[user() for _ in range(8)])
+    await asyncio.sleep(1.0)
+    await leaving.close()
+    await users  # raises if any request failed
+    assert leaving.jobs_started > 0 and staying.jobs_started > 0
+    assert len(done) == leaving.jobs_started + staying.jobs_started

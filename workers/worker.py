@@ -134,7 +134,9 @@ class Worker(Service):
                 # Workers ack on receipt; a job handed to a worker that died before
                 # acking comes back to the queue after this long.
                 ack_wait=10.0,
-                max_deliver=3,
+                # No delivery cap: a draining worker NAKs what its last pulls bring,
+                # and that must never drop a job. Deadlines bound a job's life instead.
+                max_deliver=-1,
                 max_waiting=4096,
             ),
         )
