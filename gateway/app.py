@@ -11,7 +11,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 from fastapi import FastAPI
@@ -39,6 +40,7 @@ from nebula.service import Service
 from nebula.settings import GatewaySettings, NatsSettings
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Headroom for job headers inside one NATS message.
 _HEADER_ROOM = 4096
@@ -177,33 +179,32 @@ def create_app(gw: Gateway) -> FastAPI:
                     return data
             raise AssertionError("frames() ends with an end frame")
 
-        work = asyncio.ensure_future(answer())
-        gone = asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not work.done():
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await work
+        data = await _unless_gone(answer(), request)
+        if data is None:
             await call.cancel()
             return Response(status_code=499)
-        data = work.result()
         metrics.requests.labels(call.model, "200").inc()
         return Response(data, media_type="application/json")
 
     async def _stream(call: Call, request: Request) -> Response:
-        try:
+        async def opening() -> tuple[tuple[str, bytes], AsyncIterator[tuple[str, bytes]]]:
             await call.wait_started()
             frames = call.frames()
             # Hold the HTTP status until the first answer frame, so an error the
             # worker reports at once (bad request upstream) is a real status code.
-            first = await anext(frames)
+            return await anext(frames), frames
+
+        try:
+            opened = await _unless_gone(opening(), request)
         except BaseException:
             await call.cancel()
             call.close()
             raise
+        if opened is None:  # gave up while queued: withdraw the job, never run it
+            await call.cancel()
+            call.close()
+            return Response(status_code=499)
+        first, frames = opened
         metrics.requests.labels(call.model, "200").inc()
         return StreamingResponse(
             _relay(call, first, frames), media_type="text/event-stream", headers=_SSE_HEADERS
@@ -301,6 +302,22 @@ def create_app(gw: Gateway) -> FastAPI:
     app.add_route("/metrics", prometheus, methods=["GET"])
     app.state.gateway = gw
     return app
+
+
+async def _unless_gone(work: Coroutine[Any, Any, _T], request: Request) -> _T | None:
+    """Run ``work`` unless the client hangs up first (then None: the caller cancels the job)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 async def _disconnected(request: Request) -> None:

@@ -146,13 +146,31 @@ _BY_CODE: dict[str, type[NebulaError]] = {
 }
 
 
+class _AnyError(msgspec.Struct):
+    """Upstream error bodies vary (vLLM sends ``code`` as a number): read loosely."""
+
+    message: str = ""
+    param: object = None
+    code: object = None
+
+
+class _AnyEnvelope(msgspec.Struct):
+    error: _AnyError
+
+
 def error_from_wire(status: int, body: bytes) -> NebulaError:
-    """Rebuild an error carried in an error frame (status header + OpenAI error body)."""
+    """Rebuild an error carried in an error frame (status header + OpenAI error body).
+
+    Nebula's own errors come back as their class; anything else (an upstream
+    server's body) is kept byte for byte so the client sees what the engine said.
+    """
     try:
-        env = msgspec.json.decode(body, type=ErrorEnvelope)
+        err = msgspec.json.decode(body, type=_AnyEnvelope).error
     except msgspec.DecodeError:
-        return EngineError(body.decode(errors="replace") or "engine error", status=status)
-    cls = _BY_CODE.get(env.error.code or "")
+        text = body.decode(errors="replace") or "engine error"
+        return EngineError(text, status=status, raw_body=body if body[:1] == b"{" else None)
+    cls = _BY_CODE.get(err.code) if isinstance(err.code, str) else None
     if cls is not None and cls.status == status:
-        return cls(env.error.message, param=env.error.param)
-    return EngineError(env.error.message, status=status, raw_body=body)
+        param = err.param if isinstance(err.param, str) else None
+        return cls(err.message, param=param)
+    return EngineError(err.message or "engine error", status=status, raw_body=body)

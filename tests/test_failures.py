@@ -212,3 +212,23 @@ async def test_worker_drain_loses_no_job(fabric: Fabric, unique: str) -> None:
     await users  # raises if any request failed
     assert leaving.jobs_started > 0 and staying.jobs_started > 0
     assert len(done) == leaving.jobs_started + staying.jobs_started
+
+
+async def test_stream_client_leaving_the_queue_withdraws_its_job(
+    fabric: Fabric, unique: str
+) -> None:
+    model = f"qleave-{unique}"
+    gw = await fabric.gateway(dispatch_timeout=20)
+    worker = await fabric.worker(model, max_concurrency=1, ttft_ms=1500)
+    client = await fabric.client(gw)
+    busy = asyncio.create_task(client.chat.completions.create(model=model, messages=MSG))
+    while worker.inflight == 0:
+        await asyncio.sleep(0.01)
+    body = {"model": model, "messages": MSG, "stream": True}
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=0.5) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/chat/completions", json=body)
+    await busy
+    await asyncio.sleep(0.5)  # the slot is free: a job left in the queue would start now
+    assert worker.jobs_started == 1
+    assert gw.gateway is not None and gw.gateway.dispatcher.calls == {}

@@ -44,6 +44,7 @@ async def test_bridge_to_another_openai_server(fabric: Fabric, unique: str) -> N
 
     r = await client.chat.completions.create(model=f"bridged-{unique}", messages=MSG)
     assert len(r.choices[0].message.content.split()) == 9  # type: ignore[union-attr]
+    assert r.model == f"bridged-{unique}"  # the name the client asked for, not upstream's
     assert r.usage is not None and r.usage.completion_tokens == 9
 
     # Usage was requested upstream for accounting but the client did not ask: none shown.
@@ -54,6 +55,7 @@ async def test_bridge_to_another_openai_server(fabric: Fabric, unique: str) -> N
         )
     ]
     assert all(c.usage is None for c in chunks)
+    assert {c.model for c in chunks} == {f"bridged-{unique}"}
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == r.choices[0].message.content
 
@@ -91,9 +93,9 @@ class Recorder:
                     {
                         "error": {
                             "message": "upstream says no",
-                            "type": "invalid_request_error",
+                            "type": "BadRequestError",
                             "param": "temperature",
-                            "code": None,
+                            "code": 400,  # vLLM sends a number here
                         }
                     },
                     status_code=400,
@@ -207,7 +209,12 @@ async def test_bridge_relays_upstream_error_status(
             await client.chat.completions.create(
                 model=model, messages=MSG, temperature=1.5, stream=stream
             )
-        assert "upstream says no" in e.value.message
+        # The upstream's error body reaches the client as the upstream wrote it.
+        assert e.value.message == "Error code: 400 - upstream says no"
+        assert e.value.body == {
+            "message": "upstream says no", "type": "BadRequestError", "param": "temperature",
+            "code": 400,
+        }  # fmt: skip
 
 
 async def test_bridge_refuses_unreachable_upstream() -> None:

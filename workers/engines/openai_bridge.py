@@ -22,12 +22,37 @@ from workers.engines.base import EngineLoad, Job, Output
 _PATHS = {Endpoint.CHAT: "/chat/completions", Endpoint.COMPLETION: "/completions"}
 
 
-class _Probe(msgspec.Struct):
-    """Just enough of an upstream chunk to find usage and in-band errors."""
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    tool_calls: msgspec.Raw | None = None
+    reasoning_content: str | None = None
 
-    choices: list[msgspec.Raw] = msgspec.field(default_factory=list)
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    text: str | None = None
+
+
+class _Probe(msgspec.Struct):
+    """Just enough of an upstream chunk to count tokens and find usage and errors."""
+
+    choices: list[_Choice] = msgspec.field(default_factory=list)
     usage: Usage | None = None
     error: msgspec.Raw | None = None
+
+    def tokens(self) -> int:
+        # Only chunks that carry output count: the worker sends the first counted
+        # chunk at once, so a role-only opening chunk must not use up that flush.
+        for c in self.choices:
+            d = c.delta
+            if c.text or (d is not None and (d.content or d.tool_calls or d.reasoning_content)):
+                return 1
+        return 0
+
+
+def _lines(buf: bytes) -> tuple[list[bytes], bytes]:
+    *complete, rest = buf.split(b"\n")
+    return complete, rest
 
 
 class OpenAIEngine:
@@ -80,12 +105,32 @@ class OpenAIEngine:
             body["stream_options"] = {**opts, "include_usage": True}
         return msgspec.json.encode(body)
 
+    def _renamer(self, job: Job) -> tuple[bytes, ...]:
+        """Byte pairs that put the name the client asked for back into upstream answers."""
+        upstream = self.settings.upstream_model
+        if upstream is None or upstream == job.model:
+            return ()
+        theirs, ours = msgspec.json.encode(upstream), msgspec.json.encode(job.model)
+        return (
+            b'"model":' + theirs,
+            b'"model":' + ours,
+            b'"model": ' + theirs,
+            b'"model": ' + ours,
+        )
+
     async def generate(self, job: Job) -> AsyncIterator[Output]:
         path = _PATHS.get(job.endpoint)
         if path is None:
             raise EngineError(f"openai engine does not serve {job.endpoint.value}", status=400)
         content = self._request_body(job)
         headers = {"Content-Type": "application/json"}
+        rename = self._renamer(job)
+
+        def named(chunk: bytes) -> bytes:
+            if rename:
+                chunk = chunk.replace(rename[0], rename[1], 1).replace(rename[2], rename[3], 1)
+            return chunk
+
         self._running += 1
         try:
             if not job.stream:
@@ -96,7 +141,7 @@ class OpenAIEngine:
                 if r.status_code >= 400:
                     raise EngineError(r.text, status=r.status_code, raw_body=r.content)
                 probe = msgspec.json.decode(r.content, type=_Probe)
-                yield Output(chunk=r.content, usage=probe.usage)
+                yield Output(chunk=named(r.content), usage=probe.usage)
                 return
             try:
                 async with self._client.stream("POST", path, content=content, headers=headers) as r:
@@ -105,23 +150,25 @@ class OpenAIEngine:
                         raise EngineError(
                             raw.decode(errors="replace"), status=r.status_code, raw_body=raw
                         )
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[5:].strip()
-                        if data == "[DONE]":
-                            break
-                        chunk = data.encode()
-                        probe = msgspec.json.decode(chunk, type=_Probe)
-                        if probe.error is not None:
-                            raise EngineError("upstream error", status=502, raw_body=chunk)
-                        if probe.usage is not None and not probe.choices:
-                            if job.include_usage:
-                                yield Output(chunk=chunk, usage=probe.usage)
-                            else:
-                                yield Output(chunk=b"", usage=probe.usage)
-                            continue
-                        yield Output(chunk=chunk, tokens=1)
+                    rest = b""
+                    async for data in r.aiter_bytes():
+                        lines, rest = _lines(rest + data)
+                        for line in lines:
+                            if not line.startswith(b"data:"):
+                                continue
+                            chunk = line[5:].strip()
+                            if chunk == b"[DONE]":
+                                return
+                            probe = msgspec.json.decode(chunk, type=_Probe)
+                            if probe.error is not None:
+                                raise EngineError("upstream error", status=502, raw_body=chunk)
+                            if probe.usage is not None and not probe.choices:
+                                # Usage was asked for on the client's behalf: pass it on
+                                # only if the client asked too.
+                                shown = named(chunk) if job.include_usage else b""
+                                yield Output(chunk=shown, usage=probe.usage)
+                                continue
+                            yield Output(chunk=named(chunk), tokens=probe.tokens())
             except httpx.HTTPError as e:
                 raise EngineError(f"upstream stream failed: {e!r}", status=502) from e
         finally:
