@@ -94,7 +94,6 @@ class Worker(Service):
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._busy = asyncio.Event()  # wakes the ticker when a job arrives
         self.jobs_started = 0
         self.jobs_cancelled = 0
         self.jobs_expired = 0
@@ -219,7 +218,6 @@ class Worker(Service):
         self._inflight[rid] = job
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         self._idle.clear()
-        self._busy.set()
         job.task = asyncio.create_task(self._run(job, msg))
 
     async def _on_status(self, status: str, hdrs: dict[str, str]) -> None:
@@ -365,13 +363,7 @@ class Worker(Service):
         batch_s = self.settings.batch_ms / 1000
         last_pull_check = time.monotonic()
         while True:
-            if self._inflight:
-                await asyncio.sleep(period)
-            else:  # idle: no ticking until a job arrives (many idle workers share a node)
-                self._busy.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await self._busy.wait()
+            await asyncio.sleep(period)
             now = time.monotonic()
             for job in list(self._inflight.values()):
                 if job.buf_tokens and now - job.buf_since >= batch_s:
