@@ -79,6 +79,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
+        self.peers: list[int] = []  # client port of each request: one port = one connection
         self.port = 0
 
     def app(self) -> Starlette:
@@ -88,6 +89,8 @@ class Recorder:
         async def chat(request: Request) -> Response:
             body = await request.json()
             self.bodies.append(body)
+            assert request.client is not None
+            self.peers.append(request.client.port)
             if body.get("temperature") == 1.5:  # an upstream refusal, passed on as it is
                 return JSONResponse(
                     {
@@ -195,6 +198,12 @@ async def test_bridge_passes_unknown_fields_untouched(
     sent = recorder.bodies[-1]
     assert sent["tools"] == tools and sent["vendor_knob"] == {"nested": [1, 2, 3]}
     assert sent["stream_options"] == {"include_usage": True}
+
+    # Streams are read to their end, so one keep-alive connection serves them all.
+    for _ in range(3):
+        stream = await client.chat.completions.create(model=model, messages=MSG, stream=True)
+        assert [c.choices[0].delta.content async for c in stream if c.choices] == ["ok"]
+    assert len(set(recorder.peers[-4:])) == 1
 
 
 async def test_bridge_relays_upstream_error_status(

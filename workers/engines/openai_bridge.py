@@ -158,7 +158,9 @@ class OpenAIEngine:
                                 continue
                             chunk = line[5:].strip()
                             if chunk == b"[DONE]":
-                                return
+                                # Read on to the end of the body: a response left
+                                # unfinished costs its keep-alive connection.
+                                continue
                             probe = msgspec.json.decode(chunk, type=_Probe)
                             if probe.error is not None:
                                 raise EngineError("upstream error", status=502, raw_body=chunk)
