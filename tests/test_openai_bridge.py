@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -233,3 +234,25 @@ async def test_bridge_refuses_unreachable_upstream() -> None:
     with pytest.raises(Unavailable):
         await engine.start()
     await engine.stop()
+
+
+async def test_bridge_client_disconnect_aborts_upstream(fabric: Fabric, unique: str) -> None:
+    """The client leaves mid-stream: the bridge closes its upstream request, and the
+    upstream (another Nebula, whose worker we can watch) cancels the generation."""
+    upstream = await fabric.gateway()
+    origin = await fabric.worker(f"origin-{unique}", itl_ms=20, max_tokens=500)
+    gw = await fabric.gateway()
+    await _bridge(fabric, f"far-{unique}", upstream.base_url + "/v1", f"origin-{unique}")
+    client = await fabric.client(gw)
+    stream = await client.chat.completions.create(model=f"far-{unique}", messages=MSG, stream=True)
+    got = 0
+    async for _ in stream:
+        got += 1
+        if got == 3:
+            break
+    await stream.close()
+    t0 = time.monotonic()
+    while not origin.jobs_cancelled and time.monotonic() - t0 < 3:
+        await asyncio.sleep(0.01)
+    print(f"upstream generation aborted {time.monotonic() - t0:.3f}s after the client left")
+    assert origin.jobs_cancelled == 1 and origin.inflight == 0
