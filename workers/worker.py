@@ -38,7 +38,9 @@ from workers.engines.base import Engine, Job
 
 log = logging.getLogger(__name__)
 
-PULL_EXPIRES = 10.0  # seconds a pull request lingers in the server
+# Seconds a pull request lingers in the server. Short, because a stopping worker
+# must outlive its pulls (see close()); an idle worker re-asks this often.
+PULL_EXPIRES = 2.0
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 
@@ -157,6 +159,11 @@ class Worker(Service):
             if job.task is not None:
                 job.task.cancel()
                 await self._send_error(job, WorkerLost("worker stopped before finishing"))
+        # Pulls still open in the server would hand jobs to an inbox nobody reads
+        # (back only after ack_wait): keep NAKing until each has expired or been met.
+        until = max((p[0] for p in self._pulls), default=0.0) + 0.5
+        while self._pulls and time.monotonic() < until and self.nc.is_connected:
+            await asyncio.sleep(0.05)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -373,7 +380,7 @@ class Worker(Service):
             if now - last_pull_check >= 1.0:
                 last_pull_check = now
                 # A pull whose 408 we never saw (NATS restarted) owes nothing any more.
-                while self._pulls and self._pulls[0][0] + 2.0 < now:
+                while self._pulls and self._pulls[0][0] + 1.0 < now:
                     self._pulls.popleft()
                 await self._refill()
 
