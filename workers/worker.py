@@ -38,9 +38,7 @@ from workers.engines.base import Engine, Job
 
 log = logging.getLogger(__name__)
 
-# Seconds a pull request lingers in the server. Short, because a stopping worker
-# must outlive its pulls (see close()); an idle worker re-asks this often.
-PULL_EXPIRES = 2.0
+PULL_EXPIRES = 5.0  # seconds a pull request lingers in the server
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 
@@ -91,6 +89,7 @@ class Worker(Service):
         self._pulls: deque[list[float]] = deque()
         self._inflight: dict[str, _InFlight] = {}
         self._subs: list[Subscription] = []
+        self._deliver_sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._kv: KeyValue | None = None
         self._closed = asyncio.Event()
@@ -111,7 +110,8 @@ class Worker(Service):
         await natsio.ensure_request_stream(js, self.nats_settings, max_queue=None)
         await self._ensure_consumer()
         self._kv = await natsio.workers_bucket(js, self.nats_settings)
-        self._subs.append(await self.nc.subscribe(self._deliver, cb=self._on_msg))
+        self._deliver_sub = await self.nc.subscribe(self._deliver, cb=self._on_msg)
+        self._subs.append(self._deliver_sub)
         self._subs.append(
             await self.nc.subscribe(subjects.cancel_subject(self.worker_id), cb=self._on_cancel)
         )
@@ -149,6 +149,12 @@ class Worker(Service):
             await self._closed.wait()
             return
         self.state = WorkerState.DRAINING
+        # Stop taking work first. The server drops open pull requests whose inbox has
+        # no interest; draining the subscription (unsubscribe + round trip) hands back
+        # (NAKs) every job it sent before that, so none waits out ack_wait in a dead inbox.
+        if self._deliver_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._deliver_sub.drain()
         with contextlib.suppress(Exception):
             await self._heartbeat_once()
         if self._inflight:
@@ -159,11 +165,6 @@ class Worker(Service):
             if job.task is not None:
                 job.task.cancel()
                 await self._send_error(job, WorkerLost("worker stopped before finishing"))
-        # Pulls still open in the server would hand jobs to an inbox nobody reads
-        # (back only after ack_wait): keep NAKing until each has expired or been met.
-        until = max((p[0] for p in self._pulls), default=0.0) + 0.5
-        while self._pulls and time.monotonic() < until and self.nc.is_connected:
-            await asyncio.sleep(0.05)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -380,7 +381,7 @@ class Worker(Service):
             if now - last_pull_check >= 1.0:
                 last_pull_check = now
                 # A pull whose 408 we never saw (NATS restarted) owes nothing any more.
-                while self._pulls and self._pulls[0][0] + 1.0 < now:
+                while self._pulls and self._pulls[0][0] + 2.0 < now:
                     self._pulls.popleft()
                 await self._refill()
 
