@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httptools
@@ -57,6 +58,26 @@ def pct(xs: list[float], p: float) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
+async def _timed(
+    user: Callable[[int], Awaitable[None]],
+    conc: int,
+    n: int,
+    ttft: list[float],
+    total: list[float],
+) -> dict[str, float]:
+    """Run ``conc`` users sharing ``n`` requests; percentiles of what they recorded."""
+    t0 = time.perf_counter()
+    await asyncio.gather(*[user(n // conc) for _ in range(conc)])
+    wall = time.perf_counter() - t0
+    return {
+        "ttft50": pct(ttft, 50),
+        "ttft99": pct(ttft, 99),
+        "tot50": pct(total, 50),
+        "tot99": pct(total, 99),
+        "rps": len(total) / wall,
+    }
+
+
 async def inprocess(conc: int, n: int) -> dict[str, float]:
     """The sim engine alone: the ceiling the fabric is compared with."""
     engine = SimEngine(SimSettings(max_concurrency=conc, max_tokens=TOKENS))
@@ -85,16 +106,7 @@ async def inprocess(conc: int, n: int) -> dict[str, float]:
         for _ in range(k):
             await one()
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*[user(n // conc) for _ in range(conc)])
-    wall = time.perf_counter() - t0
-    return {
-        "ttft50": pct(ttft, 50),
-        "ttft99": pct(ttft, 99),
-        "tot50": pct(total, 50),
-        "tot99": pct(total, 99),
-        "rps": len(total) / wall,
-    }
+    return await _timed(user, conc, n, ttft, total)
 
 
 class _Conn:
@@ -155,16 +167,7 @@ async def python_client(url: str, conc: int, n: int) -> dict[str, float]:
             conn.writer.close()
 
     await user(5, record=False)  # warm-up code paths
-    t0 = time.perf_counter()
-    await asyncio.gather(*[user(n // conc) for _ in range(conc)])
-    wall = time.perf_counter() - t0
-    return {
-        "ttft50": pct(ttft, 50),
-        "ttft99": pct(ttft, 99),
-        "tot50": pct(total, 50),
-        "tot99": pct(total, 99),
-        "rps": len(total) / wall,
-    }
+    return await _timed(user, conc, n, ttft, total)
 
 
 def wrk(url: str, conc: int, seconds: int, payload: bytes) -> dict[str, float]:
