@@ -54,6 +54,11 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     engine_args: list[str] = msgspec.field(default_factory=list)
     engine_options: dict[str, str] = msgspec.field(default_factory=dict)
     created_at: float = 0.0
+    # The model's own queue bound, enforced by JetStream for every gateway alike.
+    max_queue: int = 256
+    max_queue_bytes: int = 64 * 1024 * 1024
+    # Largest max_tokens a request may ask for (400 beyond).
+    max_output_tokens: int = 32768
 
 
 class PlacementState(enum.StrEnum):

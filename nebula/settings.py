@@ -68,6 +68,19 @@ class GatewaySettings:
     keepalive_timeout: float = 5.0
     retry_after: float = 1.0
     gateway_id: str | None = None
+    # SIGTERM: open streams may finish this long, then each ends with an SSE error event.
+    drain_timeout: float = 30.0
+    # Flow control: answer bytes a worker may send ahead of what the client has read.
+    stream_window: int = 256 * 1024
+    # A client that reads nothing for this long while its stream is blocked is cut off.
+    slow_client_timeout: float = 30.0
+    # Connection hygiene: a request head must arrive within header_timeout, a body may
+    # pause at most body_timeout, an idle keep-alive connection closes after idle_timeout;
+    # connections beyond max_connections get 503.
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 5.0
+    max_connections: int = 4096
 
     @classmethod
     def from_env(cls, **overrides: object) -> GatewaySettings:
@@ -95,6 +108,13 @@ class WorkerSettings:
     # How long in-flight requests may finish after stop() before they are cancelled.
     drain_timeout: float = 30.0
     labels: dict[str, str] = field(default_factory=dict)
+    # Engine health is checked this often; a failing engine stops pulling jobs until healthy.
+    health_interval: float = 5.0
+    health_timeout: float = 5.0
+    # Largest max_tokens a request may ask for (400 beyond); the model spec's limit.
+    max_output_tokens: int = 32768
+    # A job delivered this many times without being taken goes to the dead-letter subject.
+    max_deliver: int = 5
 
 
 @dataclass(frozen=True, kw_only=True)
