@@ -228,3 +228,22 @@ async def read_all(kv: KeyValue) -> dict[str, KeyValue.Entry]:
         with contextlib.suppress(Exception):
             await watcher.stop()
     return out
+
+
+async def ensure_dlq_stream(js: JetStreamContext, settings: NatsSettings) -> None:
+    """Dead letters outlive NATS restarts (file storage) and age out after a week."""
+    config = StreamConfig(
+        name=subjects.DLQ_STREAM,
+        subjects=[subjects.dlq_subjects_all()],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_msgs=100_000,
+        max_age=7 * 24 * 3600.0,
+        num_replicas=settings.replicas,
+    )
+    try:
+        await js.stream_info(subjects.DLQ_STREAM)
+    except NotFoundError:
+        with contextlib.suppress(BadRequestError):  # another process made it a moment ago
+            await js.add_stream(config)

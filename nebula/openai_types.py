@@ -62,10 +62,16 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
 
 
 class StreamFlags(msgspec.Struct, kw_only=True):
-    """The two fields a worker needs to frame a job; decoding skips everything else."""
+    """The fields a worker needs to frame and bound a job; decoding skips everything else."""
 
     stream: bool = False
     stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
     @property
     def include_usage(self) -> bool:

@@ -39,6 +39,9 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float = 0.0
     ready: bool = True
     draining: bool = False
+    # False while the engine fails its periodic health check (the worker pulls nothing).
+    healthy: bool = True
+    reason: str = ""
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -115,6 +115,10 @@ class WorkerSettings:
     max_output_tokens: int = 32768
     # A job delivered this many times without being taken goes to the dead-letter subject.
     max_deliver: int = 5
+    # A job handed to a worker that never acks it goes back to the queue after this long.
+    ack_wait: float = 10.0
+    # A stream whose reader grants no flow-control credit this long is abandoned.
+    credit_timeout: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -116,7 +116,33 @@ def request_id_from_reply(subject: str) -> str:
 
 
 def cancel_subject(worker_id: str) -> str:
+    """Body: ``<request id>`` (every attempt) or ``<request id> <attempt>`` (that one)."""
     return f"{ROOT}.cancel.{worker_id}"
+
+
+def credit_subject(worker_id: str) -> str:
+    """Flow control, gateway to worker. Body: ``<request id> <attempt> <bytes consumed>``."""
+    return f"{ROOT}.credit.{worker_id}"
+
+
+# --- dead letters --------------------------------------------------------------
+
+DLQ_STREAM = "NEBULA_DLQ"
+
+
+def dlq_subject(model: str) -> str:
+    """Jobs no worker could take (malformed, or delivered too often), with the reason."""
+    return f"{ROOT}.dlq.{model_token(model)}"
+
+
+def dlq_subjects_all() -> str:
+    return f"{ROOT}.dlq.>"
+
+
+# JetStream acks every delivered job on a reply subject under this prefix; a status
+# message (408 pull expired, 100 idle) has none. Telling the two apart by the reply
+# subject, which only the server sets, keeps a publisher's `Status` header harmless.
+JS_ACK_PREFIX = "$JS.ACK."
 
 
 # --- KV buckets and keys -----------------------------------------------------
@@ -162,6 +188,10 @@ H_KIND = "Nebula-Kind"  # start | data | keepalive | end | error
 H_SEQ = "Nebula-Seq"
 H_WORKER = "Nebula-Worker"
 H_STATUS = "Nebula-Status"  # HTTP status carried by an error frame
+# Job headers for the exactness contract (a worker may ignore neither when present):
+H_WINDOW = "Nebula-Window"  # flow-control window in bytes; absent or 0: none
+H_SILENCE = "Nebula-Silence-Timeout"  # seconds of silence after which the gateway gives up
+H_DEAD_REASON = "Nebula-Dead-Reason"  # why a job went to the dead-letter subject
 
 
 def model_from_key(key: str) -> str:

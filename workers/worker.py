@@ -29,7 +29,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.kv import KeyValue
 
 from nebula import natsio, subjects
-from nebula.errors import DeadlineExceeded, EngineError, InvalidRequest, NebulaError, WorkerLost
+from nebula.errors import (
+    DeadlineExceeded,
+    EngineError,
+    InvalidRequest,
+    NebulaError,
+    Unavailable,
+    WorkerLost,
+)
 from nebula.openai_types import SSE_DONE, StreamFlags, sse
 from nebula.protocol import Endpoint, FrameKind, WorkerInfo
 from nebula.service import Service
@@ -41,6 +48,14 @@ log = logging.getLogger(__name__)
 PULL_EXPIRES = 5.0  # seconds a pull request lingers in the server
 _ACK = b"+ACK"
 _NAK = b"-NAK"
+# A worker stops an attempt once it has been silent this fraction of the gateway's
+# silence timeout: by then the gateway may have re-queued it, so it must not finish.
+_FENCE = 0.9
+_ENDPOINTS = {e.value: e for e in Endpoint}
+
+
+class _Fenced(Exception):
+    """The gateway has given up on this attempt: send nothing more for it."""
 
 
 class WorkerState(enum.Enum):
@@ -52,7 +67,11 @@ class WorkerState(enum.Enum):
 
 @dataclass(eq=False, slots=True)
 class _InFlight:
+    """One attempt of one request. Keyed by (request id, attempt): a retry that lands on
+    the same worker is a different entry, so neither can clean up the other."""
+
     request_id: str
+    attempt: int
     reply: str
     task: asyncio.Task[None] | None = None
     seq: int = 0
@@ -60,6 +79,60 @@ class _InFlight:
     buf_tokens: int = 0
     buf_since: float = 0.0
     last_sent: float = 0.0
+    # Flow control: bytes sent vs bytes the gateway has written to its client.
+    window: int = 0
+    sent: int = 0
+    consumed: int = 0
+    credit: asyncio.Event = field(default_factory=asyncio.Event)
+    # The gateway's silence timeout (0: unknown, never fence).
+    silence: float = 0.0
+    fenced: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request_id, self.attempt)
+
+    @property
+    def engine_id(self) -> str:
+        return self.request_id if self.attempt == 1 else f"{self.request_id}-a{self.attempt}"
+
+
+@dataclass(frozen=True, slots=True)
+class _JobHeaders:
+    request_id: str
+    reply: str
+    attempt: int
+    endpoint: Endpoint
+    deadline: float
+    window: int
+    silence: float
+
+
+def _parse_headers(hdrs: dict[str, str]) -> _JobHeaders | InvalidRequest:
+    """Job headers come from any NATS publisher: a bad one is a 400, never a crash."""
+    rid = hdrs.get(subjects.H_REQUEST_ID) or uuid.uuid4().hex
+    reply = hdrs.get(subjects.H_REPLY, "")
+    try:
+        attempt = int(hdrs.get(subjects.H_ATTEMPT) or 1)
+        endpoint_text = hdrs.get(subjects.H_ENDPOINT) or Endpoint.CHAT.value
+        endpoint = _ENDPOINTS.get(endpoint_text)
+        if endpoint is None or endpoint is Endpoint.EMBEDDING:
+            return InvalidRequest(
+                f"header {subjects.H_ENDPOINT} must be chat or completion, got {endpoint_text!r}",
+                param=subjects.H_ENDPOINT,
+            )
+        deadline = float(hdrs.get(subjects.H_DEADLINE) or 0)
+        window = int(hdrs.get(subjects.H_WINDOW) or 0)
+        silence = float(hdrs.get(subjects.H_SILENCE) or 0)
+    except ValueError as e:
+        return InvalidRequest(f"bad job header: {e}", param="headers")
+    if attempt < 1 or window < 0 or silence < 0 or deadline != deadline:  # NaN
+        return InvalidRequest("bad job header: negative or NaN value", param="headers")
+    return _JobHeaders(rid, reply, attempt, endpoint, deadline, window, silence)
+
+
+def _valid_reply(subject: str) -> bool:
+    return bool(subject) and not any(c in subject for c in " \t\r\n*>") and ".." not in subject
 
 
 class Worker(Service):
@@ -82,12 +155,13 @@ class Worker(Service):
         self.worker_id = settings.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.state = WorkerState.CREATED
         self.model = settings.model
+        self._stream_name = subjects.REQ_STREAM
         self._consumer = subjects.req_consumer(self.model)
-        self._pull_subject = subjects.pull_next_subject(subjects.REQ_STREAM, self._consumer)
+        self._pull_subject = subjects.pull_next_subject(self._stream_name, self._consumer)
         self._deliver = nc.new_inbox()
         # Outstanding pull requests, oldest first: [expires_at, messages still owed].
         self._pulls: deque[list[float]] = deque()
-        self._inflight: dict[str, _InFlight] = {}
+        self._inflight: dict[tuple[str, int], _InFlight] = {}
         self._subs: list[Subscription] = []
         self._deliver_sub: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -95,31 +169,40 @@ class Worker(Service):
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self.healthy = True
+        self.health_reason = ""
         self.jobs_started = 0
         self.jobs_cancelled = 0
         self.jobs_expired = 0
+        self.jobs_fenced = 0
+        self.jobs_stale = 0
+        self.jobs_dead_lettered = 0
         self.peak_inflight = 0
         self._last_repair = 0.0
+        self._last_tick = time.monotonic()
         self._started_at = time.time()
-        self._hdr_base = {subjects.H_WORKER: self.worker_id}
 
     # --- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
         js = self.nc.jetstream()
         await natsio.ensure_request_stream(js, self.nats_settings, max_queue=None)
+        await natsio.ensure_dlq_stream(js, self.nats_settings)
         await self._ensure_consumer()
         self._kv = await natsio.workers_bucket(js, self.nats_settings)
         self._deliver_sub = await self.nc.subscribe(self._deliver, cb=self._on_msg)
-        self._subs.append(self._deliver_sub)
         self._subs.append(
             await self.nc.subscribe(subjects.cancel_subject(self.worker_id), cb=self._on_cancel)
+        )
+        self._subs.append(
+            await self.nc.subscribe(subjects.credit_subject(self.worker_id), cb=self._on_credit)
         )
         self.state = WorkerState.RUNNING
         await self._heartbeat_once()
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name=f"{self.worker_id}-heartbeat"),
             asyncio.create_task(self._ticker(), name=f"{self.worker_id}-ticker"),
+            asyncio.create_task(self._health_loop(), name=f"{self.worker_id}-health"),
         ]
         await self._refill()
         log.info("worker %s serving %r", self.worker_id, self.model)
@@ -127,7 +210,7 @@ class Worker(Service):
     async def _ensure_consumer(self) -> None:
         js = self.nc.jetstream()
         await js.add_consumer(
-            subjects.REQ_STREAM,
+            self._stream_name,
             ConsumerConfig(
                 durable_name=self._consumer,
                 filter_subject=subjects.req_subject(self.model),
@@ -135,9 +218,10 @@ class Worker(Service):
                 deliver_policy=DeliverPolicy.ALL,
                 # Workers ack on receipt; a job handed to a worker that died before
                 # acking comes back to the queue after this long.
-                ack_wait=10.0,
-                # No delivery cap: a draining worker NAKs what its last pulls bring,
-                # and that must never drop a job. Deadlines bound a job's life instead.
+                ack_wait=self.settings.ack_wait,
+                # No server-side cap: a worker dead-letters a job delivered more than
+                # max_deliver times itself (with the reason), so a job is never silently
+                # dropped and never stuck in the queue, counting against its bound.
                 max_deliver=-1,
                 max_waiting=4096,
             ),
@@ -152,9 +236,7 @@ class Worker(Service):
         # Stop taking work first. The server drops open pull requests whose inbox has
         # no interest; draining the subscription (unsubscribe + round trip) hands back
         # (NAKs) every job it sent before that, so none waits out ack_wait in a dead inbox.
-        if self._deliver_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._deliver_sub.drain()
+        await self._drop_pulls()
         with contextlib.suppress(Exception):
             await self._heartbeat_once()
         if self._inflight:
@@ -181,6 +263,20 @@ class Worker(Service):
         self.state = WorkerState.STOPPED
         self._closed.set()
 
+    async def _drop_pulls(self) -> None:
+        """Give up every open pull request: the NAKs hand back what they already brought."""
+        sub, self._deliver_sub = self._deliver_sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.drain()
+        self._pulls.clear()
+
+    async def _resume_pulls(self) -> None:
+        if self._deliver_sub is None:
+            self._deliver = self.nc.new_inbox()
+            self._deliver_sub = await self.nc.subscribe(self._deliver, cb=self._on_msg)
+        await self._refill()
+
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
@@ -188,13 +284,17 @@ class Worker(Service):
     def inflight(self) -> int:
         return len(self._inflight)
 
+    @property
+    def taking_work(self) -> bool:
+        return self.state is WorkerState.RUNNING and self.healthy
+
     # --- flow control ----------------------------------------------------------
 
     def _owed(self) -> int:
         return int(sum(p[1] for p in self._pulls))
 
     async def _refill(self) -> None:
-        if self.state is not WorkerState.RUNNING or not self.nc.is_connected:
+        if not self.taking_work or self._deliver_sub is None or not self.nc.is_connected:
             return
         want = self.settings.max_concurrency - len(self._inflight) - self._owed()
         if want <= 0:
@@ -211,22 +311,73 @@ class Worker(Service):
 
     async def _on_msg(self, msg: Msg) -> None:
         hdrs = msg.headers or {}
-        status = hdrs.get("Status")
-        if status is not None:
-            await self._on_status(status, hdrs)
+        if not msg.reply.startswith(subjects.JS_ACK_PREFIX):
+            await self._on_status(hdrs.get("Status", ""), hdrs)
             return
         self._pull_satisfied()
-        if self.state is not WorkerState.RUNNING:
+        if not self.taking_work:
             await self.nc.publish(msg.reply, _NAK)  # back to the queue for another worker
             return
+        stalled = time.monotonic() - self._last_tick
+        if stalled > self.settings.ack_wait * 0.8:
+            # This process was frozen (SIGSTOP, swap) long enough that JetStream may
+            # already have handed this delivery to another worker: leave it unacked,
+            # so it runs once, wherever JetStream delivers it next.
+            self.jobs_stale += 1
+            log.warning("dropping a delivery read after a %.1fs stall", stalled)
+            return
+        try:
+            delivered = msg.metadata.num_delivered
+        except Exception:
+            delivered = 1
         await self.nc.publish(msg.reply, _ACK)
-        rid = hdrs.get(subjects.H_REQUEST_ID) or uuid.uuid4().hex
-        reply = hdrs.get(subjects.H_REPLY, "")
-        job = _InFlight(request_id=rid, reply=reply, last_sent=time.monotonic())
-        self._inflight[rid] = job
+        parsed = _parse_headers(hdrs)
+        reply = parsed.reply if isinstance(parsed, _JobHeaders) else hdrs.get(subjects.H_REPLY, "")
+        if not _valid_reply(reply):
+            await self._dead_letter(msg, f"job has no valid {subjects.H_REPLY} header")
+            return
+        if delivered > self.settings.max_deliver:
+            await self._dead_letter(msg, f"delivered {delivered} times without being taken")
+            if isinstance(parsed, _JobHeaders):
+                rid, attempt = parsed.request_id, parsed.attempt
+            else:
+                rid, attempt = hdrs.get(subjects.H_REQUEST_ID, ""), 1
+            await self._send_error(
+                _InFlight(request_id=rid, attempt=attempt, reply=reply),
+                Unavailable(f"the job was delivered {delivered} times without being taken"),
+            )
+            return
+        if isinstance(parsed, InvalidRequest):
+            rid = hdrs.get(subjects.H_REQUEST_ID, "")
+            await self._send_error(_InFlight(request_id=rid, attempt=1, reply=reply), parsed)
+            return
+        job = _InFlight(
+            request_id=parsed.request_id,
+            attempt=parsed.attempt,
+            reply=reply,
+            last_sent=time.monotonic(),
+            window=parsed.window,
+            silence=parsed.silence,
+        )
+        if job.key in self._inflight:  # the same attempt twice: it is already running here
+            return
+        self._inflight[job.key] = job
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         self._idle.clear()
-        job.task = asyncio.create_task(self._run(job, msg))
+        job.task = asyncio.create_task(self._run(job, msg, parsed))
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        """Park a job nobody can run on the dead-letter subject, with the reason."""
+        self.jobs_dead_lettered += 1
+        log.warning("dead-lettering a job for %r: %s", self.model, reason)
+        headers = {k: v for k, v in (msg.headers or {}).items() if k.startswith("Nebula-")}
+        headers[subjects.H_DEAD_REASON] = reason
+        try:
+            await self.nc.jetstream().publish(
+                subjects.dlq_subject(self.model), msg.data, headers=headers, timeout=5.0
+            )
+        except Exception as e:
+            log.error("could not dead-letter a job for %r (%s): %s", self.model, reason, e)
 
     async def _on_status(self, status: str, hdrs: dict[str, str]) -> None:
         if status == "100":  # idle heartbeat
@@ -253,21 +404,41 @@ class Worker(Service):
         except Exception as e:
             log.warning("could not re-create the queue for %r: %s", self.model, e)
 
+    def _jobs_of(self, data: bytes) -> tuple[list[_InFlight], list[bytes]]:
+        parts = data.split()
+        if not parts:
+            return [], parts
+        rid = parts[0].decode(errors="replace")
+        attempt = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+        jobs = [
+            j
+            for j in self._inflight.values()
+            if j.request_id == rid and (attempt is None or j.attempt == attempt)
+        ]
+        return jobs, parts
+
     async def _on_cancel(self, msg: Msg) -> None:
-        job = self._inflight.get(msg.data.decode())
-        if job is not None and job.task is not None:
-            self.jobs_cancelled += 1
-            job.task.cancel()
-            with contextlib.suppress(Exception):
-                await self.engine.abort(job.request_id)
+        jobs, _ = self._jobs_of(msg.data)
+        for job in jobs:
+            if job.task is not None and not job.task.done():
+                self.jobs_cancelled += 1
+                job.task.cancel()
+
+    async def _on_credit(self, msg: Msg) -> None:
+        jobs, parts = self._jobs_of(msg.data)
+        if len(parts) < 3 or not parts[2].isdigit():
+            return
+        consumed = int(parts[2])
+        for job in jobs:
+            if consumed > job.consumed:
+                job.consumed = consumed
+                job.credit.set()
 
     # --- running a job -----------------------------------------------------------
 
-    async def _run(self, job: _InFlight, msg: Msg) -> None:
-        hdrs = msg.headers or {}
+    async def _run(self, job: _InFlight, msg: Msg, hdrs: _JobHeaders) -> None:
         try:
-            deadline = float(hdrs.get(subjects.H_DEADLINE, "0") or 0)
-            if deadline and deadline < time.time():
+            if hdrs.deadline and hdrs.deadline < time.time():
                 self.jobs_expired += 1
                 await self._send_error(
                     job, DeadlineExceeded("request waited in queue past its deadline")
@@ -275,15 +446,22 @@ class Worker(Service):
                 return
             self.jobs_started += 1
             await self._frame(job, FrameKind.START, b"")
-            endpoint = Endpoint(hdrs.get(subjects.H_ENDPOINT, Endpoint.CHAT.value))
             try:
                 flags = msgspec.json.decode(msg.data, type=StreamFlags)
             except msgspec.DecodeError as e:
                 raise InvalidRequest(f"job body is not a valid request: {e}") from e
+            limit = flags.limit
+            if limit is not None and limit > self.settings.max_output_tokens:
+                param = "max_completion_tokens" if flags.max_completion_tokens else "max_tokens"
+                raise InvalidRequest(
+                    f"{param} is {limit}; `{self.model}` allows at most "
+                    f"{self.settings.max_output_tokens} output tokens",
+                    param=param,
+                )
             work = Job(
-                request_id=job.request_id,
+                request_id=job.engine_id,
                 model=self.model,
-                endpoint=endpoint,
+                endpoint=hdrs.endpoint,
                 body=msg.data,
                 stream=flags.stream,
                 include_usage=flags.include_usage,
@@ -296,14 +474,23 @@ class Worker(Service):
                     body = out.chunk
                 await self._frame(job, FrameKind.END, body)
         except asyncio.CancelledError:
-            pass  # cancelled by the client or by close(): nobody waits for frames
+            pass  # cancelled by the client, by the gateway's fence or by close()
+        except _Fenced:
+            self.jobs_fenced += 1
+            log.warning(
+                "request %s attempt %d: silent past the gateway's timeout; abandoned",
+                job.request_id,
+                job.attempt,
+            )
         except NebulaError as e:
             await self._send_error(job, e)
         except Exception as e:
             log.exception("job %s failed", job.request_id)
             await self._send_error(job, EngineError(f"engine failed: {e!r}"))
         finally:
-            self._inflight.pop(job.request_id, None)
+            with contextlib.suppress(Exception):
+                await self.engine.abort(job.engine_id)  # no-op for a finished request
+            self._inflight.pop(job.key, None)
             if not self._inflight:
                 self._idle.set()
             await self._refill()
@@ -323,11 +510,27 @@ class Worker(Service):
                 await self._flush(job)
             elif job.buf_tokens >= limit:
                 await self._flush(job)
+            if job.window and job.sent - job.consumed >= job.window:
+                await self._wait_credit(job)
         job.buf.append(SSE_DONE)
         body = b"".join(job.buf)
         job.buf.clear()
         job.buf_tokens = 0
         await self._frame(job, FrameKind.END, body)
+
+    async def _wait_credit(self, job: _InFlight) -> None:
+        """Take nothing more from the engine until the client has read enough: the
+        engine keeps (and coalesces) its output, and memory per stream stays bounded."""
+        await self._flush(job)
+        try:
+            async with asyncio.timeout(self.settings.credit_timeout):
+                while job.sent - job.consumed >= job.window:
+                    job.credit.clear()
+                    await job.credit.wait()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"the client read nothing for {self.settings.credit_timeout:.0f}s"
+            ) from None
 
     async def _flush(self, job: _InFlight) -> None:
         if not job.buf:
@@ -336,29 +539,30 @@ class Worker(Service):
         job.buf.clear()
         job.buf_tokens = 0
         await self._frame(job, FrameKind.DATA, body)
+        job.sent += len(body)
 
-    async def _frame(self, job: _InFlight, kind: FrameKind, body: bytes) -> None:
-        if not job.reply:
-            return
+    def _headers(self, job: _InFlight, kind: FrameKind) -> dict[str, str]:
         job.seq += 1
-        job.last_sent = time.monotonic()
-        headers = {
+        return {
             subjects.H_KIND: kind.value,
             subjects.H_SEQ: str(job.seq),
             subjects.H_WORKER: self.worker_id,
+            subjects.H_ATTEMPT: str(job.attempt),
         }
-        await self.nc.publish(job.reply, body, headers=headers)
+
+    async def _frame(self, job: _InFlight, kind: FrameKind, body: bytes) -> None:
+        now = time.monotonic()
+        if job.fenced or (job.silence and now - job.last_sent > job.silence * _FENCE):
+            job.fenced = True
+            raise _Fenced
+        job.last_sent = now
+        await self.nc.publish(job.reply, body, headers=self._headers(job, kind))
 
     async def _send_error(self, job: _InFlight, err: NebulaError) -> None:
-        if not job.reply:
+        if not job.reply or job.fenced:
             return
-        job.seq += 1
-        headers = {
-            subjects.H_KIND: FrameKind.ERROR.value,
-            subjects.H_SEQ: str(job.seq),
-            subjects.H_WORKER: self.worker_id,
-            subjects.H_STATUS: str(err.status),
-        }
+        headers = self._headers(job, FrameKind.ERROR)
+        headers[subjects.H_STATUS] = str(err.status)
         with contextlib.suppress(Exception):
             await self.nc.publish(job.reply, err.to_json(), headers=headers)
 
@@ -371,19 +575,53 @@ class Worker(Service):
         batch_s = self.settings.batch_ms / 1000
         last_pull_check = time.monotonic()
         while True:
+            self._last_tick = time.monotonic()
             await asyncio.sleep(period)
             now = time.monotonic()
             for job in list(self._inflight.values()):
-                if job.buf_tokens and now - job.buf_since >= batch_s:
-                    await self._flush(job)
-                elif now - job.last_sent >= keepalive:
-                    await self._frame(job, FrameKind.KEEPALIVE, b"")
+                try:
+                    if job.buf_tokens and now - job.buf_since >= batch_s:
+                        await self._flush(job)
+                    elif now - job.last_sent >= keepalive:
+                        await self._frame(job, FrameKind.KEEPALIVE, b"")
+                except _Fenced:
+                    if job.task is not None:
+                        job.task.cancel()
+                        self.jobs_fenced += 1
             if now - last_pull_check >= 1.0:
                 last_pull_check = now
                 # A pull whose 408 we never saw (NATS restarted) owes nothing any more.
                 while self._pulls and self._pulls[0][0] + 2.0 < now:
                     self._pulls.popleft()
                 await self._refill()
+
+    async def _health_loop(self) -> None:
+        """A broken engine must not swallow the queue: while it fails, pull nothing."""
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            reason = ""
+            try:
+                async with asyncio.timeout(self.settings.health_timeout):
+                    ok = await self.engine.health()
+                if not ok:
+                    reason = "engine health check failed"
+            except TimeoutError:
+                ok = False
+                reason = f"engine health check did not answer in {self.settings.health_timeout:g}s"
+            except Exception as e:
+                ok = False
+                reason = f"engine health check failed: {e!r}"
+            if ok == self.healthy or self.state is not WorkerState.RUNNING:
+                continue
+            self.healthy, self.health_reason = ok, reason
+            if ok:
+                log.warning("worker %s: engine healthy again; taking jobs", self.worker_id)
+                await self._resume_pulls()
+            else:
+                log.warning("worker %s: %s; taking no jobs until healthy", self.worker_id, reason)
+                await self._drop_pulls()
+            with contextlib.suppress(Exception):
+                await self._heartbeat_once()
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(
@@ -395,8 +633,10 @@ class Worker(Service):
             max_concurrency=self.settings.max_concurrency,
             inflight=len(self._inflight),
             started_at=self._started_at,
-            ready=self.state is WorkerState.RUNNING,
+            ready=self.taking_work,
             draining=self.state is WorkerState.DRAINING,
+            healthy=self.healthy,
+            reason=self.health_reason,
         )
 
     async def _heartbeat_once(self) -> None:
