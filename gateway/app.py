@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from gateway.dispatcher import Call, Dispatcher
 from gateway.errors import (
@@ -33,7 +34,7 @@ from gateway.errors import (
 from gateway.registry import ModelRegistry
 from nebula import natsio
 from nebula.admin import ClusterAdmin, LoadRequest
-from nebula.errors import ModelNotFound, NebulaError, PayloadTooLarge
+from nebula.errors import ModelNotFound, NebulaError, PayloadTooLarge, Unavailable
 from nebula.openai_types import ChatCompletionRequest, CompletionRequest, Model, ModelList
 from nebula.protocol import Endpoint
 from nebula.service import Service
@@ -93,6 +94,8 @@ class Gateway(Service):
         if nc.max_payload:
             limit = min(limit, nc.max_payload - _HEADER_ROOM)
         self.body_limit = limit
+        # Set on SIGTERM: new requests get 503 while open ones finish.
+        self.draining = False
         self._closed = False
 
     async def start(self) -> None:
@@ -111,6 +114,7 @@ class Gateway(Service):
     async def _on_reconnect(self) -> None:
         await self.dispatcher.ensure_stream()
         await self._watch()
+        await self.dispatcher.requeue_unstarted()
 
     async def close(self) -> None:
         if self._closed:
@@ -159,6 +163,10 @@ def create_app(gw: Gateway) -> FastAPI:
         except msgspec.DecodeError as e:
             raise from_decode_error(e) from None
         gw.models.resolve(req.model)
+        if gw.draining:
+            raise Unavailable(
+                "the gateway is shutting down; retry", retry_after=gw.settings.retry_after
+            )
         call = await gw.dispatcher.submit(req.model, endpoint, body)
         try:
             if req.stream:
@@ -179,9 +187,11 @@ def create_app(gw: Gateway) -> FastAPI:
                     return data
             raise AssertionError("frames() ends with an end frame")
 
-        data = await _unless_gone(answer(), request)
+        try:
+            data = await _unless_gone(answer(), request)
+        finally:
+            await call.cancel()  # no-op once the answer is complete; stops it otherwise
         if data is None:
-            await call.cancel()
             return Response(status_code=499)
         metrics.requests.labels(call.model, "200").inc()
         return Response(data, media_type="application/json")
@@ -206,26 +216,7 @@ def create_app(gw: Gateway) -> FastAPI:
             return Response(status_code=499)
         first, frames = opened
         metrics.requests.labels(call.model, "200").inc()
-        return StreamingResponse(
-            _relay(call, first, frames), media_type="text/event-stream", headers=_SSE_HEADERS
-        )
-
-    async def _relay(
-        call: Call, first: tuple[str, bytes], frames: AsyncIterator[tuple[str, bytes]]
-    ) -> AsyncIterator[bytes]:
-        try:
-            call.delivered = True
-            yield first[1]
-            if first[0] == "end":
-                return
-            async for _, data in frames:
-                yield data
-        except NebulaError as e:
-            yield sse_error(e)
-        finally:
-            # Runs on normal end, on errors and when Starlette cancels us on disconnect.
-            await call.cancel()
-            call.close()
+        return RelayResponse(call, first, frames, gw.settings.slow_client_timeout)
 
     async def chat(request: Request) -> Response:
         return await submit(request, Endpoint.CHAT)
@@ -326,3 +317,82 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+class _SlowClient(Exception):
+    pass
+
+
+class RelayResponse(StreamingResponse):
+    """Writes a call's frames to the client as SSE, and owns the call to its end.
+
+    Cleanup lives in ``__call__`` itself (not in a generator that may never start),
+    so a client leaving at any moment cancels the job. Each write waits for the
+    socket (uvicorn pauses ``send`` while the client is behind); only then is the
+    worker granted credit, so a slow reader holds back the worker, not our memory.
+    A client that reads nothing for ``slow_timeout`` is cut off.
+    """
+
+    def __init__(
+        self,
+        call: Call,
+        first: tuple[str, bytes],
+        frames: AsyncIterator[tuple[str, bytes]],
+        slow_timeout: float,
+    ) -> None:
+        super().__init__(iter(()), media_type="text/event-stream", headers=_SSE_HEADERS)
+        self.call = call
+        self.first = first
+        self.frames = frames
+        self.slow_timeout = slow_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        call = self.call
+        relay = asyncio.ensure_future(self._relay(send))
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not relay.done():
+                relay.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await relay
+        except _SlowClient:
+            log.warning(
+                "request %s: the client read nothing for %gs; closing its stream",
+                call.request_id,
+                self.slow_timeout,
+            )
+        finally:
+            gone.cancel()
+            relay.cancel()
+            await call.cancel()  # no-op once the stream ended
+            call.close()
+
+    async def _write(self, send: Send, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.slow_timeout):
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        except TimeoutError:
+            raise _SlowClient from None
+
+    async def _relay(self, send: Send) -> None:
+        call = self.call
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        call.delivered = True
+        kind, data = self.first
+        try:
+            await self._write(send, data)
+            while kind != "end":
+                await call.written(len(data))
+                kind, data = await anext(self.frames)
+                await self._write(send, data)
+        except NebulaError as e:
+            await self._write(send, sse_error(e))
+        except StopAsyncIteration:
+            pass
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from nats.aio.client import Client
@@ -26,6 +27,7 @@ from gateway.registry import ModelRegistry
 from nebula import natsio, subjects
 from nebula.errors import (
     DeadlineExceeded,
+    EngineError,
     NebulaError,
     NoReplica,
     QueueFull,
@@ -47,17 +49,32 @@ _ERROR = FrameKind.ERROR.value
 _KEEPALIVE = FrameKind.KEEPALIVE.value
 
 
+# A request runs at most this many attempts (the first, and one transparent retry).
+MAX_ATTEMPTS = 2
+# Orphan frames (for requests nobody here waits for) already answered with a cancel.
+_ORPHANS_REMEMBERED = 4096
+
+
+class _LostFrames(Exception):
+    """A gap in a stream's frame sequence (frames lost while NATS reconnected)."""
+
+
 class Call:
-    """One request in flight: its frames arrive on ``queue``."""
+    """One request in flight: frames of its current attempt arrive on ``queue``."""
 
     __slots__ = (
         "attempt",
         "body",
+        "buffered",
+        "consumed",
         "deadline",
         "delivered",
         "dispatcher",
         "done",
         "endpoint",
+        "failure",
+        "granted",
+        "last_seq",
         "model",
         "queue",
         "request_id",
@@ -74,21 +91,35 @@ class Call:
         self.endpoint = endpoint
         self.body = body
         self.deadline = deadline
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        # None is the wake-up for ``failure`` (gateway shutdown, flow-control breach).
+        self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()
         self.worker_id: str | None = None
         self.attempt = 0
         self.seq = 0  # stream sequence of the queued job, to withdraw it
+        self.last_seq = 0  # frame sequence of the current attempt, to detect lost frames
         self.delivered = False  # has any answer byte reached the client?
         self.done = False
+        self.failure: NebulaError | None = None
+        self.buffered = 0  # frame bytes received and not yet taken by the relay
+        self.consumed = 0  # data bytes written to the client (flow-control credit)
+        self.granted = 0  # ``consumed`` as last reported to the worker
 
     async def _next(self, timeout: float) -> Msg:
         async with asyncio.timeout(timeout):
-            while True:
-                msg = await self.queue.get()
-                wid = (msg.headers or {}).get(subjects.H_WORKER)
-                # After a retry, frames from the worker we gave up on are stale.
-                if self.worker_id is None or wid == self.worker_id:
-                    return msg
+            msg = await self.queue.get()
+        if msg is None:
+            assert self.failure is not None
+            raise self.failure
+        self.buffered -= len(msg.data)
+        hdrs = msg.headers or {}
+        seq = hdrs.get(subjects.H_SEQ)
+        if seq is not None and seq.isdigit():
+            n = int(seq)
+            # Frames of one attempt are numbered from 1; a gap means some were lost.
+            if n != self.last_seq + 1 and (self.worker_id is not None or n > 2):
+                raise _LostFrames(f"frame {n} after {self.last_seq}")
+            self.last_seq = n
+        return msg
 
     async def wait_started(self) -> None:
         """Until a worker sends ``start``; 503/504 when none does before the deadline."""
@@ -109,12 +140,38 @@ class Call:
                     "in the queue without a free worker",
                     retry_after=d.settings.retry_after,
                 ) from None
-            kind = msg.headers.get(subjects.H_KIND) if msg.headers else None
-            if kind == _START:
-                self.worker_id = msg.headers[subjects.H_WORKER]  # type: ignore[index]
+            except _LostFrames:
+                await self._retry("its first frames were lost")
                 return
+            hdrs = msg.headers or {}
+            kind = hdrs.get(subjects.H_KIND)
             if kind == _ERROR:
                 raise _wire_error(msg)
+            # A start, or (its start lost in a reconnect) the attempt's second frame.
+            self.worker_id = hdrs.get(subjects.H_WORKER) or "?"
+            if kind != _START and kind != _KEEPALIVE:
+                self.queue.put_nowait(msg)  # data/end: let frames() take it
+                self.buffered += len(msg.data)
+                self.last_seq -= 1
+            return
+
+    async def _retry(self, why: str) -> None:
+        """Run the request again elsewhere, once, if nothing reached the client yet."""
+        if self.delivered or self.attempt >= MAX_ATTEMPTS:
+            raise WorkerLost(
+                f"worker {self.worker_id} serving `{self.model}`: {why}; "
+                "the answer cannot be completed"
+            )
+        log.warning(
+            "request %s attempt %d: %s; queueing it again", self.request_id, self.attempt, why
+        )
+        # Stop the old attempt first: a worker that comes back must not finish it too.
+        await self.dispatcher.cancel_attempt(self)
+        self.worker_id = None
+        self.last_seq = 0
+        self.deadline = time.time() + self.dispatcher.settings.dispatch_timeout
+        await self.dispatcher.publish(self)
+        await self.wait_started()
 
     async def frames(self) -> AsyncIterator[tuple[str, bytes]]:
         """(kind, body) of data/end frames after start, retrying once on a silent worker."""
@@ -123,47 +180,57 @@ class Call:
             try:
                 msg = await self._next(timeout)
             except TimeoutError:
-                if self.delivered or self.attempt >= 2:
-                    raise WorkerLost(
-                        f"worker {self.worker_id} serving `{self.model}` went silent "
-                        f"for {timeout:.0f}s"
-                    ) from None
-                log.warning("worker %s silent; re-queueing %s", self.worker_id, self.request_id)
-                self.worker_id = None
-                self.deadline = time.time() + self.dispatcher.settings.dispatch_timeout
-                await self.dispatcher.publish(self)
-                await self.wait_started()
+                await self._retry(f"went silent for {timeout:g}s")
+                continue
+            except _LostFrames as e:
+                await self._retry(f"frames were lost ({e})")
                 continue
             kind = msg.headers.get(subjects.H_KIND) if msg.headers else None
             if kind == _KEEPALIVE or kind == _START:
                 continue
             if kind == _ERROR:
+                self.done = True
                 raise _wire_error(msg)
             yield kind or _DATA, msg.data
             if kind == _END:
                 self.done = True
                 return
 
+    async def written(self, n: int) -> None:
+        """``n`` answer bytes reached the client: grant the worker that much credit."""
+        self.consumed += n
+        window = self.dispatcher.settings.stream_window
+        if self.worker_id is not None and self.consumed - self.granted >= window // 4:
+            self.granted = self.consumed
+            await self.dispatcher.credit(self)
+
+    def fail(self, err: NebulaError) -> None:
+        """End the wait of whoever reads this call with ``err``."""
+        if self.failure is None:
+            self.failure = err
+            self.queue.put_nowait(None)
+
     async def cancel(self) -> None:
-        """The client went away: withdraw the queued job or stop the worker running it."""
+        """Nobody wants the answer: withdraw the queued job or stop the worker running it.
+
+        If a worker took the job before the withdrawal, its frames arrive for a request
+        nobody waits for, and the dispatcher cancels that attempt then (see _on_reply).
+        """
         if self.done:
             return
         self.done = True
         if self.worker_id is not None:
-            with contextlib.suppress(Exception):
-                await self.dispatcher.nc.publish(
-                    subjects.cancel_subject(self.worker_id), self.request_id.encode()
-                )
+            await self.dispatcher.cancel_attempt(self)
         else:
             await self.dispatcher.withdraw(self)
 
     def close(self) -> None:
-        self.dispatcher.calls.pop(self.request_id, None)
+        self.dispatcher.forget(self)
 
 
 def _wire_error(msg: Msg) -> NebulaError:
-    status = int((msg.headers or {}).get(subjects.H_STATUS, "500"))
-    return error_from_wire(status, msg.data)
+    status = (msg.headers or {}).get(subjects.H_STATUS, "500")
+    return error_from_wire(int(status) if status.isdigit() else 500, msg.data)
 
 
 class Dispatcher:
@@ -184,6 +251,11 @@ class Dispatcher:
         self.calls: dict[str, Call] = {}
         self._prefix_len = len(subjects.reply_prefix(gateway_id)) + 1
         self._sub: Subscription | None = None
+        self._orphans: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        # Guard against a worker that ignores flow control: past this, the stream fails.
+        self._max_buffered = 4 * settings.stream_window + (1 << 20)
 
     async def start(self) -> None:
         await self.ensure_stream()
@@ -202,15 +274,68 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    def forget(self, call: Call) -> None:
+        self.calls.pop(call.request_id, None)
+        if not self.calls:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no request is in flight, False if that takes longer than ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def fail_all(self, err: NebulaError) -> None:
+        for call in list(self.calls.values()):
+            call.fail(err)
+
     async def _on_reply(self, msg: Msg) -> None:
-        call = self.calls.get(msg.subject[self._prefix_len :])
-        if call is not None:
+        rid = msg.subject[self._prefix_len :]
+        call = self.calls.get(rid)
+        hdrs = msg.headers or {}
+        attempt = hdrs.get(subjects.H_ATTEMPT)
+        if call is not None and (attempt is None or attempt == str(call.attempt)):
+            call.buffered += len(msg.data)
             call.queue.put_nowait(msg)
+            if call.buffered > self._max_buffered:
+                call.fail(EngineError("the worker sent past its flow-control window"))
+            return
+        # Nobody here waits for this attempt (the client left, the job was withdrawn
+        # after a worker took it, or it was re-queued): stop it where it runs.
+        worker = hdrs.get(subjects.H_WORKER)
+        if worker and hdrs.get(subjects.H_KIND) in (_START, _DATA, _KEEPALIVE):
+            await self._cancel(worker, rid, attempt or "")
+
+    async def _cancel(self, worker: str, rid: str, attempt: str) -> None:
+        key = (worker, rid, attempt)
+        if key in self._orphans:
+            return
+        self._orphans[key] = None
+        if len(self._orphans) > _ORPHANS_REMEMBERED:
+            self._orphans.popitem(last=False)
+        body = f"{rid} {attempt}".strip().encode()
+        with contextlib.suppress(Exception):
+            await self.nc.publish(subjects.cancel_subject(worker), body)
+
+    async def cancel_attempt(self, call: Call) -> None:
+        if call.worker_id is not None:
+            await self._cancel(call.worker_id, call.request_id, str(call.attempt))
+
+    async def credit(self, call: Call) -> None:
+        if call.worker_id is None:
+            return
+        body = f"{call.request_id} {call.attempt} {call.consumed}".encode()
+        with contextlib.suppress(Exception):
+            await self.nc.publish(subjects.credit_subject(call.worker_id), body)
 
     async def submit(self, model: str, endpoint: Endpoint, body: bytes) -> Call:
         deadline = time.time() + self.settings.dispatch_timeout
         call = Call(self, model, endpoint, body, deadline)
         self.calls[call.request_id] = call
+        self._idle.clear()
         try:
             await self.publish(call)
         except BaseException:
@@ -226,6 +351,8 @@ class Dispatcher:
             subjects.H_DEADLINE: f"{call.deadline:.3f}",
             subjects.H_ENDPOINT: call.endpoint.value,
             subjects.H_ATTEMPT: str(call.attempt),
+            subjects.H_WINDOW: str(self.settings.stream_window),
+            subjects.H_SILENCE: f"{self.settings.keepalive_timeout:g}",
         }
         subject = subjects.req_subject(call.model)
         if not self.nc.is_connected:
@@ -260,3 +387,26 @@ class Dispatcher:
         if call.seq:
             with contextlib.suppress(Exception):
                 await self.js.delete_msg(subjects.REQ_STREAM, call.seq)
+
+    async def requeue_unstarted(self) -> None:
+        """After a reconnect: queue again every job NATS lost (memory storage dies with
+        the server), so its client gets an answer instead of a misleading timeout."""
+        for call in list(self.calls.values()):
+            if call.done or call.worker_id is not None or call.failure is not None:
+                continue
+            if await self._still_queued(call):
+                continue
+            if call.done or call.worker_id is not None or call.request_id not in self.calls:
+                continue  # started (or ended) while we looked
+            log.warning("request %s was lost with NATS; queueing it again", call.request_id)
+            try:
+                await self.publish(call)
+            except NebulaError as e:
+                call.fail(e)
+
+    async def _still_queued(self, call: Call) -> bool:
+        try:
+            msg = await self.js.get_msg(subjects.REQ_STREAM, call.seq)
+        except Exception:
+            return False
+        return (msg.headers or {}).get(subjects.H_REQUEST_ID) == call.request_id

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway, create_app
 from nebula import natsio
+from nebula.errors import Unavailable
 from nebula.service import Service
 from nebula.settings import GatewaySettings, NatsSettings
 
@@ -56,7 +57,9 @@ class GatewayServer(Service):
             http="httptools",
             log_level="warning",
             access_log=False,
-            timeout_graceful_shutdown=5,
+            # A hard cap only: close() drains for drain_timeout and then ends every
+            # open stream with an error event itself.
+            timeout_graceful_shutdown=int(self.settings.drain_timeout) + 10,
             lifespan="off",
         )
         self._server = uvicorn.Server(config)
@@ -74,9 +77,25 @@ class GatewayServer(Service):
             await asyncio.shield(self._task)
 
     async def close(self) -> None:
-        """Stop accepting, let open responses finish (bounded), then leave NATS cleanly."""
+        """Stop accepting, let open requests finish for drain_timeout, end the rest with
+        an OpenAI error (an SSE error event on a stream), then leave NATS cleanly."""
+        gw = self.gateway
+        if gw is not None:
+            gw.draining = True
         if self._server is not None:
             self._server.should_exit = True
+        if gw is not None and not await gw.dispatcher.wait_idle(self.settings.drain_timeout):
+            log.warning(
+                "%d request(s) still open after %gs; ending them",
+                len(gw.dispatcher.calls),
+                self.settings.drain_timeout,
+            )
+            gw.dispatcher.fail_all(
+                Unavailable(
+                    "the gateway is shutting down; retry the request",
+                    retry_after=self.settings.retry_after,
+                )
+            )
         if self._task is not None:
             with contextlib.suppress(Exception):
                 await self._task
