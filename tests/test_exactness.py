@@ -457,14 +457,23 @@ async def test_shutdown_drains_then_ends_open_streams_with_an_error_event(
             return f"error: {e.message}"
         return "complete"
 
+    async def unary() -> str:
+        try:
+            await client.chat.completions.create(model=model, messages=MSG, max_tokens=200)
+        except openai.APIStatusError as e:
+            return f"{e.status_code}: {e.message}"
+        return "complete"
+
     tasks = [asyncio.create_task(consume(10))] + [
         asyncio.create_task(consume(200)) for _ in range(4)
     ]
-    await until(lambda: worker.inflight == 5)
+    tasks.append(asyncio.create_task(unary()))
+    await until(lambda: worker.inflight == 6)
     t0 = time.monotonic()
     await gw.close()
     outcomes = await asyncio.gather(*tasks)
     assert outcomes[0] == "complete"
-    assert all("shutting down" in o for o in outcomes[1:]), outcomes
+    assert all("shutting down" in o for o in outcomes[1:5]), outcomes
+    assert outcomes[5].startswith("503") and "shutting down" in outcomes[5]
     assert time.monotonic() - t0 < 5
     await until(lambda: worker.inflight == 0)
