@@ -34,8 +34,21 @@ from gateway.errors import (
 from gateway.registry import ModelRegistry
 from nebula import natsio
 from nebula.admin import ClusterAdmin, LoadRequest
-from nebula.errors import ModelNotFound, NebulaError, PayloadTooLarge, Unavailable
-from nebula.openai_types import ChatCompletionRequest, CompletionRequest, Model, ModelList
+from nebula.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    NebulaError,
+    PayloadTooLarge,
+    Unavailable,
+)
+from nebula.openai_types import (
+    MAX_EMBEDDING_INPUTS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Model,
+    ModelList,
+)
 from nebula.protocol import Endpoint
 from nebula.service import Service
 from nebula.settings import GatewaySettings, NatsSettings
@@ -162,22 +175,43 @@ def create_app(gw: Gateway) -> FastAPI:
                 req = msgspec.json.decode(body, type=CompletionRequest)
         except msgspec.DecodeError as e:
             raise from_decode_error(e) from None
-        gw.models.resolve(req.model)
+        return await dispatch(request, req.model, endpoint, body, stream=req.stream)
+
+    async def dispatch(
+        request: Request, model: str, endpoint: Endpoint, body: bytes, *, stream: bool
+    ) -> Response:
+        gw.models.resolve(model)
         if gw.draining:
             raise Unavailable(
                 "the gateway is shutting down; retry", retry_after=gw.settings.retry_after
             )
-        call = await gw.dispatcher.submit(req.model, endpoint, body)
+        call = await gw.dispatcher.submit(model, endpoint, body)
         try:
-            if req.stream:
+            if stream:
                 return await _stream(call, request)
             return await _unary(call, request)
         except NebulaError as e:
-            metrics.requests.labels(req.model, str(e.status)).inc()
+            metrics.requests.labels(model, str(e.status)).inc()
             raise
         finally:
-            if not req.stream:
+            if not stream:
                 call.close()
+
+    async def embeddings(request: Request) -> Response:
+        body = await _read_body(request, gw.body_limit)
+        try:
+            req = msgspec.json.decode(body, type=EmbeddingRequest)
+        except msgspec.DecodeError as e:
+            raise from_decode_error(e) from None
+        n = req.count()
+        if n == 0:
+            raise InvalidRequest("input must not be empty", param="input")
+        if n > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequest(
+                f"input has {n} items; at most {MAX_EMBEDDING_INPUTS} per request",
+                param="input",
+            )
+        return await dispatch(request, req.model, Endpoint.EMBEDDING, body, stream=False)
 
     async def _unary(call: Call, request: Request) -> Response:
         async def answer() -> bytes:
@@ -287,6 +321,7 @@ def create_app(gw: Gateway) -> FastAPI:
     app.add_route("/v1/admin/nodes", admin_nodes, methods=["GET"])
     app.add_route("/v1/chat/completions", chat, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
+    app.add_route("/v1/embeddings", embeddings, methods=["POST"])
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/ready", ready, methods=["GET"])

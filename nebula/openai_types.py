@@ -7,7 +7,7 @@ forwarded as the original bytes, so fields Nebula does not know (``tools``,
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -101,3 +101,33 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 def sse(chunk: bytes) -> bytes:
     return b"data: " + chunk + b"\n\n"
+
+
+# --- embeddings -------------------------------------------------------------------
+
+# OpenAI's own limit on inputs per embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: str
+    # A string, strings, one token array or token arrays (msgspec takes one list type).
+    input: str | list[str | int | list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    user: str | None = None
+
+    def count(self) -> int:
+        if isinstance(self.input, str):
+            return 1
+        if self.input and all(isinstance(x, int) for x in self.input):
+            return 1  # one token array
+        return len(self.input)
+
+    def texts(self) -> list[str] | None:
+        """The inputs as strings, or None when they are token arrays."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(x, str) for x in self.input):
+            return list(self.input)  # type: ignore[arg-type]
+        return None

@@ -116,9 +116,10 @@ def _parse_headers(hdrs: dict[str, str]) -> _JobHeaders | InvalidRequest:
         attempt = int(hdrs.get(subjects.H_ATTEMPT) or 1)
         endpoint_text = hdrs.get(subjects.H_ENDPOINT) or Endpoint.CHAT.value
         endpoint = _ENDPOINTS.get(endpoint_text)
-        if endpoint is None or endpoint is Endpoint.EMBEDDING:
+        if endpoint is None:
             return InvalidRequest(
-                f"header {subjects.H_ENDPOINT} must be chat or completion, got {endpoint_text!r}",
+                f"header {subjects.H_ENDPOINT} must be chat, completion or embedding, "
+                f"got {endpoint_text!r}",
                 param=subjects.H_ENDPOINT,
             )
         deadline = float(hdrs.get(subjects.H_DEADLINE) or 0)

@@ -18,6 +18,8 @@ class Job:
     body: bytes  # the client's JSON body, untouched
     stream: bool
     include_usage: bool
+    # 0: interactive; 1: a batch-job item (engines that batch serve it after interactive work).
+    priority: int = 0
 
 
 @dataclass(slots=True)

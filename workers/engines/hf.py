@@ -1,0 +1,257 @@
+"""``hf``: sentence-transformers embeddings in-process (CPU, or GPU when present).
+
+Concurrent requests are batched dynamically: the first waiting request opens a
+batch, more join it for up to ``batch_wait_ms`` or until ``max_batch`` texts,
+then ONE forward pass runs in a thread (torch releases the GIL, so the worker
+keeps streaming other frames meanwhile) and the rows go back to their requests.
+Interactive requests join the next batch ahead of batch-job items.
+
+torch and sentence-transformers are imported when the engine starts, so the rest
+of Nebula runs without the ``embed`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from nebula.errors import EngineError, InvalidRequest, Unavailable
+from nebula.openai_types import MAX_EMBEDDING_INPUTS, EmbeddingRequest
+from nebula.protocol import Endpoint
+from workers.engines.base import EngineLoad, Job, Output
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HFSettings:
+    model_path: str
+    device: str | None = None  # None: cuda when available, else cpu
+    max_batch: int = 64  # texts per forward pass
+    batch_wait_ms: float = 2.0  # how long a batch waits for more texts
+    max_concurrency: int = 64
+
+
+class _Item(msgspec.Struct):
+    object: str
+    index: int
+    embedding: list[float] | str
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class _Response(msgspec.Struct):
+    object: str
+    data: list[_Item]
+    model: str
+    usage: _Usage
+
+
+@dataclass(eq=False)
+class _Pending:
+    texts: list[str]
+    future: asyncio.Future[Any]
+    priority: int  # 0 interactive, 1 batch job
+    seq: int = 0
+    done: bool = field(default=False)
+
+
+def parse_embedding_request(body: bytes) -> tuple[EmbeddingRequest, list[str]]:
+    """Validate as the gateway does (a NATS publisher may skip the gateway)."""
+    try:
+        req = msgspec.json.decode(body, type=EmbeddingRequest)
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"invalid embeddings request: {e}", param="input") from None
+    n = req.count()
+    if n == 0:
+        raise InvalidRequest("input must not be empty", param="input")
+    if n > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(
+            f"input has {n} items; at most {MAX_EMBEDDING_INPUTS} per request", param="input"
+        )
+    texts = req.texts()
+    if texts is None:
+        raise InvalidRequest(
+            "this model takes text input; token arrays are not supported", param="input"
+        )
+    return req, texts
+
+
+class HFEngine:
+    kind = "hf"
+
+    def __init__(self, settings: HFSettings) -> None:
+        self.settings = settings
+        self.owned_by = "nebula (sentence-transformers)"
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self.dimension = 0
+        self.max_tokens = 0
+        self._queue: list[_Pending] = []
+        self._wakeup = asyncio.Event()
+        self._batcher: asyncio.Task[None] | None = None
+        self._running = 0
+        self._seq = 0
+        self.forward_passes = 0
+
+    async def start(self) -> None:
+        self._model = await asyncio.to_thread(self._load)
+        self._tokenizer = self._model.tokenizer
+        self.dimension = int(self._model.get_embedding_dimension())
+        self.max_tokens = int(self._model.get_max_seq_length() or 512)
+        self._batcher = asyncio.create_task(self._batch_loop(), name="hf-batcher")
+
+    def _load(self) -> Any:
+        if not os.path.isdir(self.settings.model_path):
+            raise Unavailable(f"model directory {self.settings.model_path!r} does not exist")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local directories only, never a hub
+        try:
+            import torch
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise Unavailable(
+                "the hf engine needs the embed extra: pip install 'nebula-fabric[embed]'"
+            ) from e
+        device = self.settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return SentenceTransformer(self.settings.model_path, device=device)
+
+    async def health(self) -> bool:
+        return self._model is not None and self._batcher is not None and not self._batcher.done()
+
+    async def abort(self, request_id: str) -> None:
+        return None  # a request's texts are dropped when its future is cancelled
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            running=self._running,
+            waiting=sum(len(p.texts) for p in self._queue),
+            capacity=self.settings.max_concurrency,
+        )
+
+    async def stop(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._batcher
+            self._batcher = None
+        for p in self._queue:
+            if not p.future.done():
+                p.future.set_exception(Unavailable("the engine stopped"))
+        self._queue.clear()
+
+    async def generate(self, job: Job) -> AsyncIterator[Output]:
+        if job.endpoint is not Endpoint.EMBEDDING:
+            raise InvalidRequest(
+                f"`{job.model}` is an embedding model: use /v1/embeddings", param="model"
+            )
+        req, texts = parse_embedding_request(job.body)
+        dims = req.dimensions
+        if dims is not None and dims != self.dimension:
+            raise InvalidRequest(
+                f"`{job.model}` has {self.dimension} dimensions and cannot shorten them",
+                param="dimensions",
+            )
+        counts = self._token_counts(texts)
+        for i, n in enumerate(counts):
+            if n > self.max_tokens:
+                raise InvalidRequest(
+                    f"input[{i}] has {n} tokens; `{job.model}` takes at most {self.max_tokens}",
+                    param="input",
+                )
+        vectors = await self.embed(texts, priority=job.priority)
+        items = [
+            _Item(object="embedding", index=i, embedding=_encode(v, req.encoding_format))
+            for i, v in enumerate(vectors)
+        ]
+        tokens = sum(counts)
+        body = msgspec.json.encode(
+            _Response(
+                object="list",
+                data=items,
+                model=job.model,
+                usage=_Usage(prompt_tokens=tokens, total_tokens=tokens),
+            )
+        )
+        yield Output(chunk=body, tokens=0)
+
+    def _token_counts(self, texts: list[str]) -> list[int]:
+        enc = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(ids) for ids in enc]
+
+    async def embed(self, texts: list[str], *, priority: int = 0) -> list[Any]:
+        """Rows of one forward pass shared with whoever else is waiting now."""
+        loop = asyncio.get_running_loop()
+        self._seq += 1
+        pending = _Pending(texts, loop.create_future(), priority, self._seq)
+        self._queue.append(pending)
+        self._wakeup.set()
+        try:
+            result: list[Any] = await pending.future
+        finally:
+            pending.done = True
+        return result
+
+    async def _batch_loop(self) -> None:
+        wait = self.settings.batch_wait_ms / 1000
+        cap = self.settings.max_batch
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not self._queue:
+                continue
+            if sum(len(p.texts) for p in self._queue) < cap and wait:
+                await asyncio.sleep(wait)  # let concurrent requests join this pass
+            self._queue.sort(key=lambda p: (p.priority, p.seq))
+            batch: list[_Pending] = []
+            size = 0
+            while self._queue and (not batch or size + len(self._queue[0].texts) <= cap):
+                p = self._queue.pop(0)
+                if p.future.cancelled():
+                    continue
+                batch.append(p)
+                size += len(p.texts)
+            if self._queue:
+                self._wakeup.set()
+            if not batch:
+                continue
+            texts = [t for p in batch for t in p.texts]
+            self._running = len(batch)
+            try:
+                vectors = await asyncio.to_thread(self._encode, texts)
+            except Exception as e:
+                log.exception("forward pass failed")
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(EngineError(f"embedding failed: {e!r}"))
+                continue
+            finally:
+                self._running = 0
+            self.forward_passes += 1
+            at = 0
+            for p in batch:
+                rows = vectors[at : at + len(p.texts)]
+                at += len(p.texts)
+                if not p.future.done():
+                    p.future.set_result(rows)
+
+    def _encode(self, texts: list[str]) -> Any:
+        return self._model.encode(
+            texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
+        )
+
+
+def _encode(vector: Any, fmt: str) -> list[float] | str:
+    if fmt == "base64":  # OpenAI's format: little-endian float32 bytes
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+    return vector.tolist()
