@@ -247,3 +247,39 @@ async def ensure_dlq_stream(js: JetStreamContext, settings: NatsSettings) -> Non
     except NotFoundError:
         with contextlib.suppress(BadRequestError):  # another process made it a moment ago
             await js.add_stream(config)
+
+
+async def ensure_batch_streams(js: JetStreamContext, settings: NatsSettings) -> None:
+    """Batch items and their results survive NATS restarts (file storage); a result is
+    kept once per item (max_msgs_per_subject=1), so duplicates collapse where stored."""
+    configs = [
+        StreamConfig(
+            name=subjects.JOB_STREAM,
+            subjects=[subjects.job_subjects_all()],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.NEW,
+            duplicate_window=600.0,
+            num_replicas=settings.replicas,
+        ),
+        StreamConfig(
+            name=subjects.RESULT_STREAM,
+            subjects=[subjects.result_subjects_all()],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,
+            max_age=7 * 24 * 3600.0,
+            num_replicas=settings.replicas,
+        ),
+    ]
+    for config in configs:
+        assert config.name is not None
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            with contextlib.suppress(BadRequestError):
+                await js.add_stream(config)
+
+
+async def jobs_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
+    return await ensure_bucket(js, settings, subjects.JOBS_BUCKET)

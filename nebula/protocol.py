@@ -105,3 +105,21 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     workers: int = 0
     heartbeat_at: float = 0.0
+
+
+class JobState(enum.StrEnum):
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    CANCELLED = "cancelled"
+
+
+class BatchJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A batch job's record (the jobs bucket). Its items are messages on the model's
+    job subject; its results are messages on ``result.<job>.<item>``."""
+
+    job_id: str
+    model: str
+    endpoint: str = "embedding"
+    total: int = 0
+    state: JobState = JobState.SUBMITTING
+    created_at: float = 0.0

@@ -119,6 +119,10 @@ class WorkerSettings:
     ack_wait: float = 10.0
     # A stream whose reader grants no flow-control credit this long is abandoned.
     credit_timeout: float = 60.0
+    # Batch-job items: taken only while interactive work leaves a slot free; an item
+    # not acked this long (its worker died) goes back to the queue.
+    batch: bool = True
+    batch_ack_wait: float = 60.0
 
 
 @dataclass(frozen=True, kw_only=True)

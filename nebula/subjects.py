@@ -75,8 +75,9 @@ def pull_next_subject(stream: str, consumer: str) -> str:
 
 # --- batch jobs --------------------------------------------------------------
 
-JOB_STREAM = "NEBULA_JOBS"
-RESULT_STREAM = "NEBULA_RESULTS"
+JOB_STREAM = "NEBULA_JOBS"  # work queue, file storage: one message per item
+RESULT_STREAM = "NEBULA_RESULTS"  # file storage, ONE message per result subject (per item)
+JOBS_BUCKET = "nebula-jobs"  # job records: model, total, state (cancelled)
 
 
 def job_subject(model: str) -> str:
@@ -87,12 +88,36 @@ def job_subjects_all() -> str:
     return f"{ROOT}.job.>"
 
 
-def result_subject(job_id: str) -> str:
-    return f"{ROOT}.result.{job_id}"
+def job_consumer(model: str) -> str:
+    """Durable pull consumer shared by all workers of one model for batch items."""
+    return f"job-{model_token(model)}"
+
+
+def job_key(job_id: str) -> str:
+    return model_token(job_id)
+
+
+def result_subject(job_id: str, item_id: str) -> str:
+    """Keyed by job and item: the results stream keeps one message per subject, so a
+    result computed twice (redelivery after a crash) is stored once."""
+    return f"{ROOT}.result.{model_token(job_id)}.{model_token(item_id)}"
+
+
+def result_filter(job_id: str) -> str:
+    return f"{ROOT}.result.{model_token(job_id)}.*"
 
 
 def result_subjects_all() -> str:
     return f"{ROOT}.result.>"
+
+
+def item_from_result_subject(subject: str) -> str:
+    return model_from_token(subject.rsplit(".", 1)[-1])
+
+
+def item_msg_id(job_id: str, item_id: str) -> str:
+    """Nats-Msg-Id of an item: a resubmission inside the duplicate window is dropped."""
+    return f"{model_token(job_id)}:{model_token(item_id)}"
 
 
 # --- replies and cancellation ------------------------------------------------
@@ -192,6 +217,8 @@ H_STATUS = "Nebula-Status"  # HTTP status carried by an error frame
 H_WINDOW = "Nebula-Window"  # flow-control window in bytes; absent or 0: none
 H_SILENCE = "Nebula-Silence-Timeout"  # seconds of silence after which the gateway gives up
 H_DEAD_REASON = "Nebula-Dead-Reason"  # why a job went to the dead-letter subject
+H_JOB_ID = "Nebula-Job-Id"  # batch job an item belongs to
+H_ITEM_ID = "Nebula-Item-Id"  # the item's id, unique within its job
 
 
 def model_from_key(key: str) -> str:

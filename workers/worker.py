@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 
 from nebula import natsio, subjects
 from nebula.errors import (
+    Conflict,
     DeadlineExceeded,
     EngineError,
     InvalidRequest,
@@ -38,7 +39,7 @@ from nebula.errors import (
     WorkerLost,
 )
 from nebula.openai_types import SSE_DONE, StreamFlags, sse
-from nebula.protocol import Endpoint, FrameKind, WorkerInfo
+from nebula.protocol import BatchJob, Endpoint, FrameKind, JobState, WorkerInfo
 from nebula.service import Service
 from nebula.settings import NatsSettings, WorkerSettings
 from workers.engines.base import Engine, Job
@@ -46,6 +47,7 @@ from workers.engines.base import Engine, Job
 log = logging.getLogger(__name__)
 
 PULL_EXPIRES = 5.0  # seconds a pull request lingers in the server
+BATCH_PULL_EXPIRES = 1.0  # short: batch intake must stop soon after interactive load rises
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 # A worker stops an attempt once it has been silent this fraction of the gateway's
@@ -182,6 +184,17 @@ class Worker(Service):
         self._last_repair = 0.0
         self._last_tick = time.monotonic()
         self._started_at = time.time()
+        # Batch items: their own pull inbox, pulls, slots, and a short cache of job states.
+        self._batch_deliver = nc.new_inbox()
+        self._batch_sub: Subscription | None = None
+        self._bpulls: deque[list[float]] = deque()
+        self._batch_inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._batch_pull_subject = subjects.pull_next_subject(
+            subjects.JOB_STREAM, subjects.job_consumer(self.model)
+        )
+        self._jobs_kv: KeyValue | None = None
+        self._job_states: dict[str, tuple[float, str]] = {}
+        self.items_done = 0
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -198,6 +211,11 @@ class Worker(Service):
         self._subs.append(
             await self.nc.subscribe(subjects.credit_subject(self.worker_id), cb=self._on_credit)
         )
+        if self.settings.batch:
+            await natsio.ensure_batch_streams(js, self.nats_settings)
+            await self._ensure_job_consumer()
+            self._jobs_kv = await natsio.jobs_bucket(js, self.nats_settings)
+            self._batch_sub = await self.nc.subscribe(self._batch_deliver, cb=self._on_item)
         self.state = WorkerState.RUNNING
         await self._heartbeat_once()
         self._tasks = [
@@ -228,6 +246,22 @@ class Worker(Service):
             ),
         )
 
+    async def _ensure_job_consumer(self) -> None:
+        await self.nc.jetstream().add_consumer(
+            subjects.JOB_STREAM,
+            ConsumerConfig(
+                durable_name=subjects.job_consumer(self.model),
+                filter_subject=subjects.job_subject(self.model),
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                # Acked only once its result is stored: a worker dying mid-item hands
+                # it back after this long, and the rerun's result replaces nothing.
+                ack_wait=self.settings.batch_ack_wait,
+                max_deliver=-1,
+                max_waiting=4096,
+            ),
+        )
+
     async def close(self) -> None:
         """Stop taking work, let in-flight jobs finish (bounded), cancel the rest."""
         if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
@@ -238,8 +272,17 @@ class Worker(Service):
         # no interest; draining the subscription (unsubscribe + round trip) hands back
         # (NAKs) every job it sent before that, so none waits out ack_wait in a dead inbox.
         await self._drop_pulls()
+        bsub, self._batch_sub = self._batch_sub, None
+        if bsub is not None:
+            with contextlib.suppress(Exception):
+                await bsub.drain()
         with contextlib.suppress(Exception):
             await self._heartbeat_once()
+        if self._batch_inflight:
+            # Items are short and their results are keyed: finish them, bounded.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.drain_timeout):
+                    await asyncio.gather(*self._batch_inflight.values(), return_exceptions=True)
         if self._inflight:
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -298,11 +341,124 @@ class Worker(Service):
         if not self.taking_work or self._deliver_sub is None or not self.nc.is_connected:
             return
         want = self.settings.max_concurrency - len(self._inflight) - self._owed()
+        if want > 0:
+            self._pulls.append([time.monotonic() + PULL_EXPIRES, float(want)])
+            req = b'{"batch":%d,"expires":%d}' % (want, int(PULL_EXPIRES * 1e9))
+            await self.nc.publish(self._pull_subject, req, reply=self._deliver)
+        await self._refill_batch()
+
+    async def _refill_batch(self) -> None:
+        """Batch items only while interactive work leaves a slot free: then no interactive
+        job waits for this worker (its open pulls would have brought it). Short pulls, so
+        a rise in interactive load stops batch intake within a second."""
+        if self._batch_sub is None or len(self._inflight) >= self.settings.max_concurrency:
+            return
+        owed = int(sum(p[1] for p in self._bpulls))
+        want = self.settings.max_concurrency - len(self._batch_inflight) - owed
         if want <= 0:
             return
-        self._pulls.append([time.monotonic() + PULL_EXPIRES, float(want)])
-        req = b'{"batch":%d,"expires":%d}' % (want, int(PULL_EXPIRES * 1e9))
-        await self.nc.publish(self._pull_subject, req, reply=self._deliver)
+        self._bpulls.append([time.monotonic() + BATCH_PULL_EXPIRES, float(want)])
+        req = b'{"batch":%d,"expires":%d}' % (want, int(BATCH_PULL_EXPIRES * 1e9))
+        await self.nc.publish(self._batch_pull_subject, req, reply=self._batch_deliver)
+
+    async def _on_item(self, msg: Msg) -> None:
+        hdrs = msg.headers or {}
+        if not msg.reply.startswith(subjects.JS_ACK_PREFIX):
+            if hdrs.get("Status") in ("408", "409", "503") and self._bpulls:
+                self._bpulls.popleft()
+            return  # the ticker asks again
+        if self._bpulls:
+            self._bpulls[0][1] -= 1
+            if self._bpulls[0][1] <= 0:
+                self._bpulls.popleft()
+        if not self.taking_work:
+            await self.nc.publish(msg.reply, _NAK)
+            return
+        job_id, item_id = hdrs.get(subjects.H_JOB_ID, ""), hdrs.get(subjects.H_ITEM_ID, "")
+        if not job_id or not item_id:
+            await self.nc.publish(msg.reply, _ACK)
+            await self._dead_letter(msg, "batch item needs Nebula-Job-Id and Nebula-Item-Id")
+            return
+        key = (job_id, item_id)
+        if key in self._batch_inflight:
+            return  # a redelivery of an item running here: its result is on the way
+        task = asyncio.create_task(self._run_item(msg, job_id, item_id))
+        self._batch_inflight[key] = task
+
+    async def _job_state(self, job_id: str) -> str:
+        """The job's state from KV, cached for a second (one read per job, not per item)."""
+        now = time.monotonic()
+        cached = self._job_states.get(job_id)
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        state = ""
+        if self._jobs_kv is not None:
+            with contextlib.suppress(Exception):
+                entry = await self._jobs_kv.get(subjects.job_key(job_id))
+                if entry.value:
+                    state = msgspec.json.decode(entry.value, type=BatchJob).state.value
+        if len(self._job_states) > 1024:
+            self._job_states.clear()
+        self._job_states[job_id] = (now, state)
+        return state
+
+    async def _run_item(self, msg: Msg, job_id: str, item_id: str) -> None:
+        hdrs = msg.headers or {}
+        try:
+            try:
+                delivered = msg.metadata.num_delivered
+            except Exception:
+                delivered = 1
+            try:
+                if delivered > self.settings.max_deliver:
+                    raise EngineError(f"the item was delivered {delivered} times without a result")
+                if await self._job_state(job_id) == JobState.CANCELLED.value:
+                    raise Conflict(f"job {job_id} was cancelled")
+                endpoint = _ENDPOINTS.get(hdrs.get(subjects.H_ENDPOINT) or "embedding")
+                if endpoint is None:
+                    raise InvalidRequest(
+                        f"bad {subjects.H_ENDPOINT} header", param=subjects.H_ENDPOINT
+                    )
+                work = Job(
+                    request_id=f"{job_id}/{item_id}",
+                    model=self.model,
+                    endpoint=endpoint,
+                    body=msg.data,
+                    stream=False,
+                    include_usage=False,
+                    priority=1,
+                )
+                body = b""
+                async for out in self.engine.generate(work):
+                    body = out.chunk
+                status = 200
+            except NebulaError as e:
+                body, status = e.to_json(), e.status
+            except Exception as e:
+                log.exception("batch item %s/%s failed", job_id, item_id)
+                body, status = EngineError(f"engine failed: {e!r}").to_json(), 500
+            headers = {
+                subjects.H_JOB_ID: job_id,
+                subjects.H_ITEM_ID: item_id,
+                subjects.H_STATUS: str(status),
+                subjects.H_WORKER: self.worker_id,
+            }
+            # Stored first, acked after: a crash in between reruns the item, and the
+            # rerun's result lands on the same subject, where the stream keeps one.
+            await self.nc.jetstream().publish(
+                subjects.result_subject(job_id, item_id), body, headers=headers, timeout=10.0
+            )
+            await self.nc.publish(msg.reply, _ACK)
+            self.items_done += 1
+        except asyncio.CancelledError:
+            pass  # not acked: JetStream hands it to a worker again
+        except Exception as e:
+            log.warning(
+                "batch item %s/%s: result not stored (%s); it will rerun", job_id, item_id, e
+            )
+        finally:
+            self._batch_inflight.pop((job_id, item_id), None)
+            await self._refill_batch()
 
     def _pull_satisfied(self, n: float = 1.0) -> None:
         if self._pulls:
@@ -589,11 +745,13 @@ class Worker(Service):
                     if job.task is not None:
                         job.task.cancel()
                         self.jobs_fenced += 1
-            if now - last_pull_check >= 1.0:
+            if now - last_pull_check >= BATCH_PULL_EXPIRES:
                 last_pull_check = now
                 # A pull whose 408 we never saw (NATS restarted) owes nothing any more.
                 while self._pulls and self._pulls[0][0] + 2.0 < now:
                     self._pulls.popleft()
+                while self._bpulls and self._bpulls[0][0] + 2.0 < now:
+                    self._bpulls.popleft()
                 await self._refill()
 
     async def _health_loop(self) -> None:
@@ -657,6 +815,7 @@ class Worker(Service):
     async def on_reconnect(self) -> None:
         """Pull requests die with the connection: forget them and ask again."""
         self._pulls.clear()
+        self._bpulls.clear()
         self._last_repair = 0.0
         await self._repair()
         await self._refill()
