@@ -203,6 +203,8 @@ def create_app(gw: Gateway) -> FastAPI:
             req = msgspec.json.decode(body, type=EmbeddingRequest)
         except msgspec.DecodeError as e:
             raise from_decode_error(e) from None
+        if not req.model:
+            raise InvalidRequest("Object missing required field `model`", param="model")
         n = req.count()
         if n == 0:
             raise InvalidRequest("input must not be empty", param="input")

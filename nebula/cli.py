@@ -181,7 +181,10 @@ def _engine_options(kw: dict[str, Any]) -> dict[str, str]:
 @main.command()
 @nats_url_option
 @click.option("--model", required=True, help="Model name clients ask for.")
-@click.option("--engine", type=click.Choice(["sim", "openai"]), default="sim", show_default=True)
+@click.option(
+    "--engine", type=click.Choice(["sim", "openai", "hf"]), default="sim", show_default=True
+)
+@click.option("--model-path", default=None, help="hf: local model directory.")
 @click.option(
     "--max-concurrency",
     default=8,
@@ -198,6 +201,8 @@ def worker(nats_url: str, **kw: Any) -> None:
     from workers.runner import WorkerProcess, build_engine
 
     options = _engine_options(kw)
+    if kw.get("model_path"):
+        options["model_path"] = kw["model_path"]
 
     async def serve(stop: asyncio.Event) -> None:
         engine = build_engine(kw["engine"], options, max_concurrency=kw["max_concurrency"])
@@ -580,6 +585,70 @@ def node(
             await stop.wait()
 
     _run(run_until_signal(serve))
+
+
+# --- batch jobs -----------------------------------------------------------------
+
+
+@main.group()
+def batch() -> None:
+    """Batch jobs over NATS: submit, follow, resume, cancel."""
+
+
+@batch.command("embed")
+@click.argument("input_path", metavar="INPUT.jsonl", type=click.Path(path_type=Path, exists=True))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True)
+@click.option("--model", required=True, help="An embedding model served by the fabric.")
+@nats_url_option
+@click.option("--quiet", is_flag=True, help="No progress line.")
+def batch_embed(input_path: Path, output: Path, model: str, nats_url: str, quiet: bool) -> None:
+    """Embed every row of INPUT.jsonl into OUTPUT; run it again to resume after a crash."""
+    from nebula.batch import embed_file
+    from nebula.client import BatchClient
+
+    async def go() -> None:
+        async with await BatchClient.connect(nats_url) as client:
+            job, written, failed = await embed_file(client, input_path, output, model, quiet=quiet)
+        click.echo(
+            f"job {job.job_id}: {job.total} rows in {output} ({written} written now, "
+            f"{failed} failed)",
+            err=True,
+        )
+
+    _run(go())
+
+
+@batch.command("status")
+@click.argument("job_id")
+@nats_url_option
+def batch_status(job_id: str, nats_url: str) -> None:
+    """Items done out of submitted, and the job's state."""
+    from nebula.client import BatchClient
+
+    async def go() -> None:
+        async with await BatchClient.connect(nats_url) as client:
+            st = await client.status(job_id)
+        click.echo(
+            f"job {job_id}  model {st.job.model}  state {st.job.state}  "
+            f"done {st.done}/{st.job.total}  queued for the model {st.queued}"
+        )
+
+    _run(go())
+
+
+@batch.command("cancel")
+@click.argument("job_id")
+@nats_url_option
+def batch_cancel(job_id: str, nats_url: str) -> None:
+    """Items not yet run end with a `cancelled` error result."""
+    from nebula.client import BatchClient
+
+    async def go() -> None:
+        async with await BatchClient.connect(nats_url) as client:
+            await client.cancel(job_id)
+        click.echo(f"cancelling job {job_id}")
+
+    _run(go())
 
 
 if __name__ == "__main__":

@@ -220,8 +220,14 @@ class BatchClient:
         if job is None:
             raise ModelNotFound(f"no batch job {job_id}", param="job")
         done = await self._count(subjects.RESULT_STREAM, subjects.result_filter(job_id))
-        queued = await self._count(subjects.JOB_STREAM, subjects.job_subject(job.model))
-        return JobStatus(job=job, done=done, queued=queued)
+        return JobStatus(job=job, done=done, queued=await self.queued(job.model))
+
+    async def queued(self, model: str) -> int:
+        """Batch items waiting for ``model`` (all jobs): a work queue allows no second
+        consumer on its subjects, so this reads the stream's per-subject count."""
+        subject = subjects.job_subject(model)
+        info = await self.js.stream_info(subjects.JOB_STREAM, subjects_filter=subject)
+        return int((info.state.subjects or {}).get(subject, 0))
 
     async def _count(self, stream: str, subject: str) -> int:
         """Messages on ``subject``: a throwaway consumer's pending count, no data read."""

@@ -110,7 +110,8 @@ MAX_EMBEDDING_INPUTS = 2048
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
-    model: str
+    # Optional here: a batch item names its model by subject; the gateway requires it.
+    model: str = ""
     # A string, strings, one token array or token arrays (msgspec takes one list type).
     input: str | list[str | int | list[int]]
     encoding_format: Literal["float", "base64"] = "float"

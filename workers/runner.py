@@ -35,6 +35,13 @@ def build_engine(kind: str, options: dict[str, str], *, max_concurrency: int) ->
             ),
             max_concurrency=max_concurrency,
         )
+    if kind == "hf":
+        from workers.engines.hf import HFEngine, HFSettings
+
+        path = options.get("model_path")
+        if not path:
+            raise InvalidRequest("the hf engine needs --model-path", param="model_path")
+        return HFEngine(HFSettings(model_path=path, max_concurrency=max_concurrency))
     raise InvalidRequest(
         f"unknown engine {kind!r}; available here: {', '.join(ENGINE_KINDS)}", param="engine"
     )

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from workers.engines.base import Engine, EngineLoad, Job, Output
 
-ENGINE_KINDS = ("sim", "openai")
+ENGINE_KINDS = ("sim", "openai", "hf")
 
 __all__ = ["ENGINE_KINDS", "Engine", "EngineLoad", "Job", "Output"]

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from nebula.errors import InvalidRequest
-from nebula.openai_types import ChatCompletionRequest, CompletionRequest, Usage
+from nebula.openai_types import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, Usage
 from nebula.protocol import Endpoint
 from nebula.settings import SimSettings
 from workers.engines.base import EngineLoad, Job, Output
@@ -26,6 +26,7 @@ _VOCAB = (
     "nebula streams answers back over reply inboxes with start data keepalive end frames"
 ).split()
 _enc = msgspec.json.encode
+SIM_DIM = 8
 
 
 def _count_words(value: object) -> int:
@@ -79,6 +80,9 @@ class SimEngine:
         return seed, prompt, n, limit
 
     async def generate(self, job: Job) -> AsyncIterator[Output]:
+        if job.endpoint is Endpoint.EMBEDDING:
+            yield await self._embed(job)
+            return
         seed, prompt_tokens, n, limit = self._parse(job)
         finish = "length" if limit is not None else "stop"
         start = zlib.crc32(seed.encode()) % len(_VOCAB)
@@ -124,6 +128,36 @@ class SimEngine:
                     yield Output(chunk=_usage_chunk(chat, rid, created, job.model, usage))
             finally:
                 self._running -= 1
+
+    async def _embed(self, job: Job) -> Output:
+        """Deterministic unit vectors (SIM_DIM floats from each text's CRC): exercises
+        the fabric's embedding and batch paths without a model."""
+        try:
+            req = msgspec.json.decode(job.body, type=EmbeddingRequest)
+        except msgspec.DecodeError as e:
+            raise InvalidRequest(f"invalid embeddings request: {e}", param="input") from None
+        texts = req.texts()
+        if not texts:
+            raise InvalidRequest("input must be non-empty text", param="input")
+        async with self._slots:
+            self._running += 1
+            try:
+                if self.settings.ttft_ms:
+                    await asyncio.sleep(self.settings.ttft_ms / 1000)
+            finally:
+                self._running -= 1
+        data = []
+        tokens = 0
+        for i, text in enumerate(texts):
+            raw = [
+                ((zlib.crc32(f"{k}:{text}".encode()) % 2001) - 1000) / 1000 for k in range(SIM_DIM)
+            ]
+            norm = sum(x * x for x in raw) ** 0.5 or 1.0
+            data.append({"object": "embedding", "index": i, "embedding": [x / norm for x in raw]})
+            tokens += max(1, len(text.split()))
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        body = {"object": "list", "data": data, "model": job.model, "usage": usage}
+        return Output(chunk=_enc(body))
 
 
 def _chunk_frame(chat: bool, rid: str, created: int, model: str) -> tuple[bytes, bytes]:

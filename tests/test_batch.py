@@ -1,0 +1,233 @@
+"""Durable batch jobs: every submitted item gets exactly one result, whatever dies.
+
+The CLI runs as a real subprocess (`nebula batch embed`), workers as real
+subprocesses where a test kills them, against a real nats-server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client
+
+from nebula import subjects
+from nebula.client import BatchClient
+from nebula.errors import ModelNotFound
+from nebula.settings import NatsSettings
+from tests.conftest import Fabric, fresh_nats
+
+
+async def until(cond: object, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def _write_input(path: Path, n: int, *, openai_format: bool = False) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            if openai_format:
+                row = {
+                    "custom_id": f"req-{i}",
+                    "method": "POST",
+                    "url": "/v1/embeddings",
+                    "body": {"model": "ignored", "input": f"text number {i}"},
+                }
+            else:
+                row = {"id": f"row-{i}", "text": f"text number {i} for the batch"}
+            f.write(json.dumps(row) + "\n")
+
+
+def _lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        return f.read().count(b"\n")
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def _cli(nats_url: str, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nebula.cli", "batch", *args, "--nats-url", nats_url,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def _worker(nats_url: str, model: str, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nebula.cli", "worker", "--model", model, "--nats-url", nats_url,
+        *args, env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )  # fmt: skip
+
+
+@pytest.fixture
+async def procs() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for p in started:
+        if p.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            await p.wait()
+
+
+async def test_cli_killed_mid_run_resumes_with_one_row_per_item(
+    fabric: Fabric, nats_settings: NatsSettings, unique: str, tmp_path: Path, procs: list
+) -> None:
+    model = f"bemb-{unique}"
+    await fabric.worker(model, max_concurrency=16, ttft_ms=2)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    n = 10_000
+    _write_input(src, n)
+    first = await _cli(nats_settings.url, "embed", str(src), "-o", str(out), "--model", model)
+    procs.append(first)
+    await until(lambda: _lines(out) >= 1500, 60)
+    first.send_signal(signal.SIGKILL)
+    await first.wait()
+    partial = _lines(out)
+    assert partial < n
+    second = await _cli(nats_settings.url, "embed", str(src), "-o", str(out), "--model", model)
+    procs.append(second)
+    _, err = await asyncio.wait_for(second.communicate(), 120)
+    assert second.returncode == 0, err.decode()
+    assert f"{n} rows" in err.decode() and "0 failed" in err.decode()
+    rows = _rows(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == n and set(ids) == {f"row-{i}" for i in range(n)}
+    assert all(isinstance(r["embedding"], list) and len(r["embedding"]) == 8 for r in rows)
+    assert not (tmp_path / "out.jsonl.nebula.json").exists()
+
+
+async def test_openai_batch_format_round_trip(
+    fabric: Fabric, nats_settings: NatsSettings, unique: str, tmp_path: Path, procs: list
+) -> None:
+    model = f"bfmt-{unique}"
+    await fabric.worker(model, max_concurrency=8)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _write_input(src, 50, openai_format=True)
+    with src.open("a") as f:  # one bad request: its row carries the 400, nothing is lost
+        f.write(json.dumps({"custom_id": "bad", "url": "/v1/embeddings", "body": {"input": []}}))
+        f.write("\n")
+    cli = await _cli(nats_settings.url, "embed", str(src), "-o", str(out), "--model", model)
+    procs.append(cli)
+    _, err = await asyncio.wait_for(cli.communicate(), 60)
+    assert cli.returncode == 0, err.decode()
+    rows = {r["custom_id"]: r for r in _rows(out)}
+    assert len(rows) == 51
+    ok = rows["req-7"]["response"]
+    assert isinstance(ok, dict) and ok["status_code"] == 200
+    assert ok["body"]["data"][0]["object"] == "embedding"
+    bad = rows["bad"]["response"]
+    assert isinstance(bad, dict) and bad["status_code"] == 400
+    assert bad["body"]["error"]["param"] == "input"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_worker_killed_and_nats_restarted_mid_batch_lose_nothing(
+    tmp_path: Path, unique: str, procs: list
+) -> None:
+    port = _free_port()
+    server = await fresh_nats(tmp_path / "nats", port=port)
+    try:
+        model = f"bchaos-{unique}"
+        args = ("--engine", "sim", "--ttft-ms", "3", "--max-concurrency", "8")
+        w1 = await _worker(server.url, model, *args)
+        procs.append(w1)
+        src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        n = 4000
+        _write_input(src, n)
+        # The model must be served before the CLI accepts the job.
+        async with await BatchClient.connect(server.url) as probe:
+            await until_served(probe, model)
+        cli = await _cli(server.url, "embed", str(src), "-o", str(out), "--model", model)
+        procs.append(cli)
+        await until(lambda: _lines(out) >= 600, 60)
+        w1.send_signal(signal.SIGKILL)
+        w2 = await _worker(server.url, model, *args)
+        procs.append(w2)
+        await until(lambda: _lines(out) >= 1800, 60)
+        await server.kill()
+        server = await fresh_nats(tmp_path / "nats", port=port)
+        _, err = await asyncio.wait_for(cli.communicate(), 120)
+        assert cli.returncode == 0, err.decode()
+        ids = [r["id"] for r in _rows(out)]
+        assert len(ids) == n and set(ids) == {f"row-{i}" for i in range(n)}
+        assert all("embedding" in r for r in _rows(out))
+    finally:
+        await server.close()
+
+
+async def until_served(client: BatchClient, model: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            await client._check_model(model)
+            return
+        except ModelNotFound:
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{model} never served")
+
+
+async def test_malformed_items_get_results_or_dead_letters_and_cancel_is_exact(
+    fabric: Fabric, nc: Client, nats_settings: NatsSettings, unique: str
+) -> None:
+    model = f"bbad-{unique}"
+    await fabric.worker(model, max_concurrency=4, ttft_ms=20)
+    client = await BatchClient.open(nc, nats_settings)
+    with pytest.raises(ModelNotFound):
+        await client.create(f"nobody-{unique}", total=1)
+    job = await client.create(model, total=3)
+    js = nc.jetstream()
+    subject = subjects.job_subject(model)
+    base = {subjects.H_JOB_ID: job.job_id}
+    await js.publish(subject, b"{not json", headers={**base, subjects.H_ITEM_ID: "garbage"})
+    await js.publish(subject, b'{"input": "x"}', headers={**base, subjects.H_ITEM_ID: "fine"})
+    await js.publish(
+        subject,
+        b'{"input": "x"}',
+        headers={**base, subjects.H_ITEM_ID: "odd", subjects.H_ENDPOINT: "nope"},
+    )
+    await js.publish(subject, b'{"input": "no ids"}')  # no job, no item: dead letter
+    got = {}
+    async for r in client.results(job.job_id):
+        got[r.item_id] = r
+        if len(got) == 3:
+            break
+    assert got["fine"].ok and got["garbage"].status == 400 and got["odd"].status == 400
+    dead = await js.get_last_msg(subjects.DLQ_STREAM, subjects.dlq_subject(model))
+    assert "Nebula-Item-Id" in (dead.headers or {})[subjects.H_DEAD_REASON]
+    # Cancel: items not yet run get a `cancelled` result; none is silently dropped.
+    job2 = await client.create(model, total=200)
+    await client.cancel(job2.job_id)
+    await client.submit(job2, ((f"i{i}", {"input": f"t{i}"}) for i in range(200)))
+    results = []
+    async for r in client.results(job2.job_id):
+        results.append(r)
+        if len(results) == 200:
+            break
+    assert {r.item_id for r in results} == {f"i{i}" for i in range(200)}
+    assert all(r.status == 409 and b"cancelled" in r.body for r in results)
+    status = await client.status(job2.job_id)
+    assert status.done == 200
