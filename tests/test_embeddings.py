@@ -38,9 +38,7 @@ async def embed(nats_settings: NatsSettings) -> AsyncIterator[EmbedFabric]:
     async with contextlib.AsyncExitStack() as stack:
         ws = WorkerSettings(model=MODEL, max_concurrency=64)
         wp = await stack.enter_async_context(WorkerProcess(ws, nats_settings, engine))
-        gw = await stack.enter_async_context(
-            GatewayServer(GatewaySettings(port=0), nats_settings)
-        )
+        gw = await stack.enter_async_context(GatewayServer(GatewaySettings(port=0), nats_settings))
         yield EmbedFabric(gw, engine, wp)
 
 
