@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.dispatcher import Call, Dispatcher
 from gateway.errors import (
-    from_decode_error,
+    decode,
     http_error_handler,
     nebula_error_handler,
     sse_error,
@@ -166,15 +166,22 @@ def create_app(gw: Gateway) -> FastAPI:
 
     async def submit(request: Request, endpoint: Endpoint) -> Response:
         body = await _read_body(request, gw.body_limit)
-        try:
-            if endpoint is Endpoint.CHAT:
-                req: ChatCompletionRequest | CompletionRequest = msgspec.json.decode(
-                    body, type=ChatCompletionRequest
-                )
-            else:
-                req = msgspec.json.decode(body, type=CompletionRequest)
-        except msgspec.DecodeError as e:
-            raise from_decode_error(e) from None
+        req: ChatCompletionRequest | CompletionRequest
+        if endpoint is Endpoint.CHAT:
+            req = decode(body, ChatCompletionRequest)
+        else:
+            req = decode(body, CompletionRequest)
+        problem = req.problem()
+        if problem is not None:
+            raise InvalidRequest(problem[1], param=problem[0])
+        spec = gw.models.spec(req.model)
+        limit = req.limit()
+        if spec is not None and limit is not None and limit > spec.max_output_tokens:
+            raise InvalidRequest(
+                f"{req.limit_param()} is {limit}; `{req.model}` allows at most "
+                f"{spec.max_output_tokens} output tokens",
+                param=req.limit_param(),
+            )
         return await dispatch(request, req.model, endpoint, body, stream=req.stream)
 
     async def dispatch(
@@ -199,10 +206,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     async def embeddings(request: Request) -> Response:
         body = await _read_body(request, gw.body_limit)
-        try:
-            req = msgspec.json.decode(body, type=EmbeddingRequest)
-        except msgspec.DecodeError as e:
-            raise from_decode_error(e) from None
+        req = decode(body, EmbeddingRequest)
         if not req.model:
             raise InvalidRequest("Object missing required field `model`", param="model")
         n = req.count()
@@ -291,11 +295,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     async def admin_load(request: Request) -> Response:
         body = await _read_body(request, gw.body_limit)
-        try:
-            req = msgspec.json.decode(body, type=LoadRequest)
-        except msgspec.DecodeError as e:
-            raise from_decode_error(e) from None
-        spec = await admin().load(req)
+        spec = await admin().load(decode(body, LoadRequest))
         return as_json(spec, 201)
 
     async def admin_unload(request: Request) -> Response:

@@ -71,6 +71,9 @@ class ModelRegistry:
                 out[model] = live[0]
         return out
 
+    def spec(self, model: str) -> ModelSpec | None:
+        return self._desired.get(model)
+
     def desired(self) -> dict[str, ModelSpec]:
         return dict(self._desired)
 

@@ -19,10 +19,32 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: str
+    role: Role
     content: str | list[Any] | None = None
     name: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    tool_call_id: str | None = None
+
+    def problem(self) -> tuple[str, str] | None:
+        """(field, message) for what the OpenAI API would reject, else None."""
+        if self.content is None:
+            if self.role == "assistant" and (self.tool_calls or self.function_call):
+                return None
+            return "content", f"a {self.role} message needs content"
+        if self.role == "tool" and not self.tool_call_id:
+            return "tool_call_id", "a tool message needs tool_call_id"
+        if isinstance(self.content, list):
+            for i, part in enumerate(self.content):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    return f"content[{i}]", "a content part is an object with a string `type`"
+                if part["type"] == "text" and not isinstance(part.get("text"), str):
+                    return f"content[{i}].text", "a text part needs a string `text`"
+        return None
 
 
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
@@ -42,6 +64,17 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def limit_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    def problem(self) -> tuple[str, str] | None:
+        """(param, message) for a message the OpenAI API would reject, else None."""
+        for i, m in enumerate(self.messages):
+            found = m.problem()
+            if found is not None:
+                return f"messages[{i}].{found[0]}", found[1]
+        return None
+
 
 class CompletionRequest(msgspec.Struct, kw_only=True):
     model: str
@@ -59,6 +92,12 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
 
     def limit(self) -> int | None:
         return self.max_tokens
+
+    def limit_param(self) -> str:
+        return "max_tokens"
+
+    def problem(self) -> tuple[str, str] | None:
+        return None
 
 
 class StreamFlags(msgspec.Struct, kw_only=True):

@@ -193,3 +193,102 @@ async def test_no_ready_replica_503(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_invalid_utf8_and_deep_nesting_are_400(http: httpx.AsyncClient, unique: str) -> None:
+    model = f"bad-{unique}"
+    head = b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": '
+    bad_utf8 = head + b'"\xff\xfe"}]}'
+    deep = head + b"[" * 100_000 + b"]" * 100_000 + b"}]}"
+    for body in (bad_utf8, deep, b"[" * 100_000 + b"]" * 100_000):
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            r = await http.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, (path, r.text[:200])
+            assert _error(r)["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("message", "param"),
+    [
+        ({"role": "robot", "content": "hi"}, "messages[0].role"),
+        ({"role": "user", "content": None}, "messages[0].content"),
+        ({"role": "user"}, "messages[0].content"),
+        ({"role": "system", "content": None}, "messages[0].content"),
+        ({"role": "tool", "content": "42"}, "messages[0].tool_call_id"),
+        ({"role": "user", "content": [{"text": "no type"}]}, "messages[0].content[0]"),
+        ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages[0].content[0].text"),
+        ({"role": "user", "content": ["not an object"]}, "messages[0].content[0]"),
+    ],
+)
+async def test_roles_and_content_shapes_are_validated(
+    http: httpx.AsyncClient, unique: str, message: dict[str, object], param: str
+) -> None:
+    body = {"model": f"bad-{unique}", "messages": [message]}
+    r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert _error(r)["param"] == param
+
+
+async def test_valid_message_shapes_pass(http: httpx.AsyncClient, unique: str) -> None:
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+         "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"},
+    ]  # fmt: skip
+    r = await http.post(
+        "/v1/chat/completions", json={"model": f"bad-{unique}", "messages": messages}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["refusal"] is None
+
+
+async def test_max_tokens_beyond_the_models_limit_is_400(fabric: Fabric, unique: str) -> None:
+    from nebula.admin import LoadRequest
+
+    gw = await fabric.gateway()
+    assert gw.gateway is not None and gw.gateway.admin is not None
+    loaded = f"limit-{unique}"
+    await gw.gateway.admin.load(LoadRequest(name=loaded, engine="sim", replicas=1))
+    for _ in range(100):
+        if gw.gateway.models.spec(loaded) is not None:
+            break
+        await asyncio.sleep(0.02)
+    unloaded = f"nospec-{unique}"
+    worker = await fabric.worker(unloaded)
+    client = await fabric.client(gw)
+    with pytest.raises(openai.BadRequestError) as e:  # the gateway knows the spec's limit
+        await client.chat.completions.create(model=loaded, messages=MSG, max_tokens=10**12)
+    assert e.value.body["param"] == "max_tokens" and "32768" in e.value.body["message"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as e:  # a hand-started worker checks its own
+        await client.chat.completions.create(
+            model=unloaded, messages=MSG, max_completion_tokens=10**12
+        )
+    assert e.value.body["param"] == "max_completion_tokens"  # type: ignore[index]
+    assert worker.inflight == 0
+    await gw.gateway.admin.unload(loaded)
+
+
+async def test_huge_max_tokens_within_the_limit_costs_constant_memory(
+    fabric: Fabric, unique: str
+) -> None:
+    """The sim engine generates lazily: a long request neither allocates in proportion
+    to max_tokens nor stalls a short request on the same worker."""
+    model = f"huge-{unique}"
+    gw = await fabric.gateway()
+    await fabric.worker(model, worker={"max_output_tokens": 10**9})
+    client = await fabric.client(gw)
+    long = await client.chat.completions.create(
+        model=model, messages=MSG, max_tokens=10**9, stream=True
+    )
+    got = 0
+    async for _ in long:
+        got += 1
+        if got == 50:
+            break
+    short = await asyncio.wait_for(
+        client.chat.completions.create(model=model, messages=MSG, max_tokens=3), 5
+    )
+    assert short.choices[0].message.content
+    await long.close()

@@ -605,8 +605,8 @@ class Worker(Service):
             await self._frame(job, FrameKind.START, b"")
             try:
                 flags = msgspec.json.decode(msg.data, type=StreamFlags)
-            except msgspec.DecodeError as e:
-                raise InvalidRequest(f"job body is not a valid request: {e}") from e
+            except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+                raise InvalidRequest(f"job body is not a valid request: {e}") from None
             limit = flags.limit
             if limit is not None and limit > self.settings.max_output_tokens:
                 param = "max_completion_tokens" if flags.max_completion_tokens else "max_tokens"

@@ -71,7 +71,7 @@ def parse_embedding_request(body: bytes) -> tuple[EmbeddingRequest, list[str]]:
     """Validate as the gateway does (a NATS publisher may skip the gateway)."""
     try:
         req = msgspec.json.decode(body, type=EmbeddingRequest)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
         raise InvalidRequest(f"invalid embeddings request: {e}", param="input") from None
     n = req.count()
     if n == 0:

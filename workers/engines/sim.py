@@ -74,8 +74,8 @@ class SimEngine:
             else:
                 comp = msgspec.json.decode(job.body, type=CompletionRequest)
                 seed, prompt, limit = str(comp.prompt), _count_words(comp.prompt), comp.max_tokens
-        except msgspec.ValidationError as e:
-            raise InvalidRequest(str(e)) from e
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise InvalidRequest(f"invalid request: {e}") from None
         n = limit if limit is not None else self.settings.max_tokens
         return seed, prompt, n, limit
 
@@ -86,7 +86,8 @@ class SimEngine:
         seed, prompt_tokens, n, limit = self._parse(job)
         finish = "length" if limit is not None else "stop"
         start = zlib.crc32(seed.encode()) % len(_VOCAB)
-        words = [(" " if i else "") + _VOCAB[(start + i * 7) % len(_VOCAB)] for i in range(n)]
+        # Lazily: memory stays constant whatever max_tokens a client asks for.
+        words = ((" " if i else "") + _VOCAB[(start + i * 7) % len(_VOCAB)] for i in range(n))
         usage = Usage(
             prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n
         )
@@ -134,7 +135,7 @@ class SimEngine:
         the fabric's embedding and batch paths without a model."""
         try:
             req = msgspec.json.decode(job.body, type=EmbeddingRequest)
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
             raise InvalidRequest(f"invalid embeddings request: {e}", param="input") from None
         texts = req.texts()
         if not texts:
@@ -196,7 +197,7 @@ def _full(
 ) -> bytes:
     choice: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": finish}
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
     else:
         choice["text"] = text
     return _enc(
