@@ -19,12 +19,13 @@ from fastapi import FastAPI
 from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway.dispatcher import Call, Dispatcher
 from gateway.errors import (
+    client_gone_handler,
     decode,
     http_error_handler,
     nebula_error_handler,
@@ -39,6 +40,7 @@ from nebula.errors import (
     ModelNotFound,
     NebulaError,
     PayloadTooLarge,
+    RequestTimeout,
     Unavailable,
 )
 from nebula.openai_types import (
@@ -139,7 +141,7 @@ class Gateway(Service):
         await self.dispatcher.close()
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     size = int(declared) if declared and declared.isdigit() else None
     if size is not None and size > limit:
@@ -149,7 +151,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise PayloadTooLarge(f"request body is {size} bytes; the limit is {limit} bytes")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body stalled for {timeout:g}s; send it in one go"
+            ) from None
         total += len(chunk)
         if total > limit:
             raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
@@ -162,10 +174,11 @@ def create_app(gw: Gateway) -> FastAPI:
     app.add_exception_handler(NebulaError, nebula_error_handler)
     app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(Exception, unhandled_error_handler)
+    app.add_exception_handler(ClientDisconnect, client_gone_handler)
     metrics = gw.metrics
 
     async def submit(request: Request, endpoint: Endpoint) -> Response:
-        body = await _read_body(request, gw.body_limit)
+        body = await _read_body(request, gw.body_limit, gw.settings.body_timeout)
         req: ChatCompletionRequest | CompletionRequest
         if endpoint is Endpoint.CHAT:
             req = decode(body, ChatCompletionRequest)
@@ -205,7 +218,7 @@ def create_app(gw: Gateway) -> FastAPI:
                 call.close()
 
     async def embeddings(request: Request) -> Response:
-        body = await _read_body(request, gw.body_limit)
+        body = await _read_body(request, gw.body_limit, gw.settings.body_timeout)
         req = decode(body, EmbeddingRequest)
         if not req.model:
             raise InvalidRequest("Object missing required field `model`", param="model")
@@ -294,7 +307,7 @@ def create_app(gw: Gateway) -> FastAPI:
         return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
 
     async def admin_load(request: Request) -> Response:
-        body = await _read_body(request, gw.body_limit)
+        body = await _read_body(request, gw.body_limit, gw.settings.body_timeout)
         spec = await admin().load(decode(body, LoadRequest))
         return as_json(spec, 201)
 
@@ -395,10 +408,15 @@ class RelayResponse(StreamingResponse):
                 await relay
         except _SlowClient:
             log.warning(
-                "request %s: the client read nothing for %gs; closing its stream",
+                "request %s: the client read nothing for %gs; dropping its connection",
                 call.request_id,
                 self.slow_timeout,
             )
+            # Closing would wait to flush to a reader that does not read: abort.
+            abort = scope.get("extensions", {}).get("nebula.abort")
+            if abort is not None:
+                abort()
+                await asyncio.sleep(0)  # let the server see the connection gone
         finally:
             gone.cancel()
             relay.cancel()

@@ -77,3 +77,9 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 async def unhandled_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     return error_response(NebulaError(f"internal error: {type(exc).__name__}"))
+
+
+async def client_gone_handler(request: Request, exc: Exception) -> Response:
+    """The client left mid-request: one quiet line, no traceback, nobody to answer."""
+    log.info("client %s left during %s", request.client, request.url.path)
+    return Response(status_code=499)

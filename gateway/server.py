@@ -5,17 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 
 from gateway.app import Gateway, create_app
+from gateway.connections import ConnectionGuard
 from nebula import natsio
 from nebula.errors import Unavailable
 from nebula.service import Service
 from nebula.settings import GatewaySettings, NatsSettings
 
 log = logging.getLogger(__name__)
+
+
+def _raise_fd_limit() -> None:
+    """Each client connection is a file descriptor; the usual soft limit (1024) would
+    refuse connections long before max_connections, so take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class GatewayServer(Service):
@@ -36,6 +47,7 @@ class GatewayServer(Service):
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
         self.port = settings.port
+        self.guard: ConnectionGuard | None = None
 
     @property
     def base_url(self) -> str:
@@ -49,12 +61,18 @@ class GatewayServer(Service):
             self.settings, self.nats_settings, nc, registry=self.registry, hooks=self.hooks
         )
         await self.gateway.start()
+        _raise_fd_limit()
+        self.guard = ConnectionGuard(
+            header_timeout=self.settings.header_timeout,
+            max_connections=self.settings.max_connections,
+        )
         config = uvicorn.Config(
             create_app(self.gateway),
             host=self.settings.host,
             port=self.settings.port,
             loop="none",  # run on the caller's loop
-            http="httptools",
+            http=self.guard.protocol,  # type: ignore[arg-type]
+            timeout_keep_alive=self.settings.idle_timeout,  # type: ignore[arg-type]
             log_level="warning",
             access_log=False,
             # A hard cap only: close() drains for drain_timeout and then ends every

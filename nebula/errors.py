@@ -60,6 +60,12 @@ class PayloadTooLarge(NebulaError):
     code = "payload_too_large"
 
 
+class RequestTimeout(NebulaError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class ModelNotFound(NebulaError):
     status = 404
     type = "invalid_request_error"
@@ -134,6 +140,7 @@ _BY_CODE: dict[str, type[NebulaError]] = {
     for cls in (
         InvalidRequest,
         PayloadTooLarge,
+        RequestTimeout,
         ModelNotFound,
         Conflict,
         QueueFull,

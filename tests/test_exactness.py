@@ -262,6 +262,8 @@ async def test_slow_reader_holds_back_the_worker_and_is_cut_off(
         await until(lambda: worker.inflight == 0, 15)
         await until(lambda: not gw.gateway.dispatcher.calls)  # type: ignore[union-attr]
         assert worker.jobs_cancelled == 1
+        # The connection is dropped (aborted), not left waiting to flush to a non-reader.
+        await until(lambda: gw.guard is not None and gw.guard.open == 0)
     finally:
         sock.close()
 
