@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 # Heartbeats of crashed workers are forgotten after this many seconds.
 FORGET_AFTER = 600.0
+_BACKOFF_MIN = 0.1
+_BACKOFF_MAX = 5.0
 
 
 @dataclass(slots=True)
@@ -38,6 +41,7 @@ class ModelRegistry:
         self._desired: dict[str, ModelSpec] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._synced: list[asyncio.Event] = []
+        self._bad_keys: set[str] = set()
 
     # --- queries -------------------------------------------------------------
 
@@ -83,10 +87,14 @@ class ModelRegistry:
         """(Re)start the watches and return once the current state has been read."""
         await self.stop()
         self._synced = [asyncio.Event()]
-        self._tasks = [asyncio.create_task(self._watch_workers(workers, self._synced[0]))]
+        self._tasks = [
+            asyncio.create_task(self._keep_watching(workers, self._on_worker, self._synced[0]))
+        ]
         if models is not None:
             self._synced.append(asyncio.Event())
-            self._tasks.append(asyncio.create_task(self._watch_models(models, self._synced[1])))
+            self._tasks.append(
+                asyncio.create_task(self._keep_watching(models, self._on_model, self._synced[1]))
+            )
         for ev in self._synced:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(ev.wait(), 5.0)
@@ -99,42 +107,55 @@ class ModelRegistry:
                 await t
         self._tasks = []
 
-    async def _watch_workers(self, kv: KeyValue, synced: asyncio.Event) -> None:
-        watcher = await kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:  # end of the initial values
-                    synced.set()
-                    continue
-                model_tok, _, wid = entry.key.partition(".")
-                model = subjects.model_from_token(model_tok)
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._workers.get(model, {}).pop(wid, None)
-                    continue
+    async def _keep_watching(
+        self, kv: KeyValue, handle: Callable[[KeyValue.Entry], None], synced: asyncio.Event
+    ) -> None:
+        """A watch that ends or fails is started again, with backoff: the model list
+        must never freeze until the next reconnect."""
+        delay = _BACKOFF_MIN
+        while True:
+            try:
+                watcher = await kv.watchall()
                 try:
-                    info = msgspec.json.decode(entry.value, type=WorkerInfo)
-                except msgspec.DecodeError:
-                    continue
-                self._workers.setdefault(model, {})[wid] = _Seen(info, time.monotonic())
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+                    async for entry in watcher:
+                        if entry is None:  # end of the current values
+                            synced.set()
+                            delay = _BACKOFF_MIN
+                            continue
+                        try:
+                            handle(entry)
+                        except (ValueError, msgspec.DecodeError) as e:
+                            self._skip(entry.key, e)
+                finally:
+                    with contextlib.suppress(Exception):
+                        await watcher.stop()
+                log.warning("KV watch of %s ended; watching again", kv._name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("KV watch of %s failed (%s); retrying in %.1fs", kv._name, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _BACKOFF_MAX)
 
-    async def _watch_models(self, kv: KeyValue, synced: asyncio.Event) -> None:
-        watcher = await kv.watchall()
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    synced.set()
-                    continue
-                name = subjects.model_from_token(entry.key)
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self._desired.pop(name, None)
-                    continue
-                try:
-                    self._desired[name] = msgspec.json.decode(entry.value, type=ModelSpec)
-                except msgspec.DecodeError:
-                    continue
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()
+    def _skip(self, key: str, err: Exception) -> None:
+        if key not in self._bad_keys:
+            if len(self._bad_keys) > 1024:
+                self._bad_keys.clear()
+            self._bad_keys.add(key)
+            log.warning("ignoring KV key %r: %s", key, err)
+
+    def _on_worker(self, entry: KeyValue.Entry) -> None:
+        model_tok, _, wid = entry.key.partition(".")
+        model = subjects.model_from_token(model_tok)
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._workers.get(model, {}).pop(wid, None)
+            return
+        info = msgspec.json.decode(entry.value, type=WorkerInfo)
+        self._workers.setdefault(model, {})[wid] = _Seen(info, time.monotonic())
+
+    def _on_model(self, entry: KeyValue.Entry) -> None:
+        name = subjects.model_from_token(entry.key)
+        if entry.operation in ("DEL", "PURGE") or not entry.value:
+            self._desired.pop(name, None)
+            return
+        self._desired[name] = msgspec.json.decode(entry.value, type=ModelSpec)

@@ -6,7 +6,9 @@ status``) and the gateway's admin API, so both validate and answer alike.
 
 from __future__ import annotations
 
+import logging
 import time
+from typing import TypeVar
 
 import msgspec
 from nats.aio.client import Client
@@ -18,6 +20,8 @@ from nebula.errors import Conflict, InvalidRequest, ModelNotFound
 from nebula.protocol import ModelSpec, NodeInfo, Placement, PlacementState
 from nebula.settings import NatsSettings
 
+log = logging.getLogger(__name__)
+
 # Engines that run here today, and those announced but not yet built.
 ENGINES = ("sim", "openai")
 COMING = {"vllm": "the vLLM engine", "hf": "the transformers/sentence-transformers engine"}
@@ -27,6 +31,18 @@ ENGINE_OPTIONS = {
     "sim": {"ttft_ms", "itl_ms", "max_tokens"},
     "openai": {"upstream_url", "upstream_api_key", "upstream_model"},
 }
+
+
+_S = TypeVar("_S", bound=msgspec.Struct)
+
+
+def _decode(entry: KeyValue.Entry, kind: type[_S]) -> _S | None:
+    """A KV value anyone may have written: skip (and say) what does not decode."""
+    try:
+        return msgspec.json.decode(entry.value or b"", type=kind)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        log.warning("ignoring bad %s entry %r: %s", kind.__name__, entry.key, e)
+        return None
 
 
 class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -196,17 +212,16 @@ class ClusterAdmin:
     async def _specs(self) -> dict[str, ModelSpec]:
         out = {}
         for entry in (await natsio.read_all(self.models_kv)).values():
-            assert entry.value is not None
-            spec = msgspec.json.decode(entry.value, type=ModelSpec)
-            out[spec.name] = spec
+            spec = _decode(entry, ModelSpec)
+            if spec is not None:
+                out[spec.name] = spec
         return out
 
     async def _placements(self) -> list[Placement]:
-        return [
-            msgspec.json.decode(e.value, type=Placement)
-            for e in (await natsio.read_all(self.placements_kv)).values()
-            if e.value
-        ]
+        found = (
+            _decode(e, Placement) for e in (await natsio.read_all(self.placements_kv)).values()
+        )
+        return [p for p in found if p is not None]
 
     async def queue_depths(self) -> dict[str, int]:
         try:
@@ -215,7 +230,10 @@ class ClusterAdmin:
             return {}
         depths: dict[str, int] = {}
         for subject, count in (info.state.subjects or {}).items():
-            depths[subjects.model_from_token(subject.rsplit(".", 1)[-1])] = count
+            try:
+                depths[subjects.model_from_token(subject.rsplit(".", 1)[-1])] = count
+            except ValueError:
+                log.warning("ignoring jobs on a subject Nebula did not name: %r", subject)
         return depths
 
     async def models(self) -> list[ModelStatus]:
@@ -239,8 +257,9 @@ class ClusterAdmin:
         now = time.time()
         out = []
         for entry in entries.values():
-            assert entry.value is not None
-            info = msgspec.json.decode(entry.value, type=NodeInfo)
+            info = _decode(entry, NodeInfo)
+            if info is None:
+                continue
             mine = per_node.get(info.node_id, [])
             alloc: dict[int, float] = {}
             for p in mine:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -36,6 +37,17 @@ WORKER_TTL = 15.0
 NODE_TTL = 30.0
 # A worker whose last heartbeat (every second) is older than this is not live.
 WORKER_LIVE_WINDOW = 3.5
+
+
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.OutboundBufferLimitError,
+)
 
 
 class ReconnectHooks:
@@ -70,7 +82,14 @@ async def connect(
     """Connect and keep reconnecting forever: a NATS restart must not kill any process."""
 
     async def _error_cb(e: Exception) -> None:
-        log.debug("nats error (%s): %s", name, e)
+        # Connection trouble is expected noise while reconnecting (the disconnect is
+        # logged once, below); anything else here is a bug in a callback of ours.
+        if isinstance(e, nats.errors.SlowConsumerError):
+            log.warning("%s: NATS dropped messages for a slow subscription: %r", name, e)
+        elif isinstance(e, _CONNECTION_ERRORS):
+            log.debug("nats connection error (%s): %r", name, e)
+        else:
+            log.error("error in a NATS callback (%s): %r", name, e, exc_info=e)
 
     client: list[Client] = []
 

@@ -36,18 +36,27 @@ def model_token(name: str) -> str:
 
 
 def model_from_token(token: str) -> str:
-    """Inverse of :func:`model_token`."""
+    """Inverse of :func:`model_token`; ValueError for a token it did not make (anyone
+    can publish to a subject or put a KV key: callers skip such names)."""
     raw = bytearray()
     i = 0
     while i < len(token):
         ch = token[i]
         if ch == _ESC:
-            raw.append(int(token[i + 1 : i + 3], 16))
+            pair = token[i + 1 : i + 3]
+            if len(pair) != 2 or not all(c in string.hexdigits for c in pair):
+                raise ValueError(f"malformed name token {token!r}")
+            raw.append(int(pair, 16))
             i += 3
-        else:
+        elif ch in _SAFE:
             raw.extend(ch.encode())
             i += 1
-    return raw.decode()
+        else:
+            raise ValueError(f"malformed name token {token!r}")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"malformed name token {token!r}") from None
 
 
 # --- interactive requests ---------------------------------------------------

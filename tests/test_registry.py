@@ -1,0 +1,80 @@
+"""Watchers and views survive names and values that Nebula did not write."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+
+import httpx
+from nats.aio.client import Client
+
+from nebula import natsio, subjects
+from nebula.settings import NatsSettings
+from tests.conftest import Fabric
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+async def until(cond: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_malformed_tokens_raise_value_error() -> None:
+    for bad in ("bad_ZZ", "x_4", "sp ace", "_", "a_C3"):  # a_C3: half a UTF-8 sequence
+        try:
+            subjects.model_from_token(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"{bad!r} decoded")
+
+
+async def test_bad_keys_and_values_are_skipped_and_watching_goes_on(
+    fabric: Fabric, nc: Client, nats_settings: NatsSettings, unique: str
+) -> None:
+    gw = await fabric.gateway()
+    assert gw.gateway is not None
+    js = nc.jetstream()
+    workers = await natsio.workers_bucket(js, nats_settings)
+    models = await natsio.models_bucket(js, nats_settings)
+    await workers.put("bad_ZZ.w1", b"{}")
+    await workers.put(subjects.worker_key(f"junk-{unique}", "w1"), b"not json")
+    await models.put("bad_ZZ", b"{}")
+    await models.put(subjects.model_key(f"junk-{unique}"), b"[1, 2")
+    # The watchers keep going: a model that appears afterwards is served.
+    model = f"after-{unique}"
+    await fabric.worker(model)
+    client = await fabric.client(gw)
+    await until(lambda: model in gw.gateway.models.ready_models())  # type: ignore[union-attr]
+    r = await client.chat.completions.create(model=model, messages=MSG)
+    assert r.choices[0].message.content
+    await workers.delete("bad_ZZ.w1")
+    await models.delete("bad_ZZ")
+    await models.delete(subjects.model_key(f"junk-{unique}"))
+
+
+async def test_undecodable_request_subject_does_not_break_views(
+    fabric: Fabric, nc: Client, nats_settings: NatsSettings
+) -> None:
+    gw = await fabric.gateway()
+    js = nc.jetstream()
+    await natsio.ensure_request_stream(js, nats_settings, max_queue=None)
+    await js.publish(f"{subjects.ROOT}.req.bad_ZZ", b"{}")
+    async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        r = await http.get("/v1/admin/models")
+    assert r.status_code == 200, r.text
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nebula.cli", "model", "list", "--nats-url", nats_settings.url,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()
+    await js.purge_stream(subjects.REQ_STREAM, subject=f"{subjects.ROOT}.req.bad_ZZ")
