@@ -231,7 +231,7 @@ async def main() -> None:
     async with EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats")) as nats:
         env = {"NEBULA_NATS_URL": nats.url}
         gw = await procs.spawn(
-            procs.nebula_argv("gateway", "--port", str(port), "--max-queue", "4096"),
+            procs.nebula_argv("gateway", "--port", str(port)),
             env=env,
             log_file=tmp / "gateway.log",
         )

@@ -632,7 +632,7 @@ async def run(args: argparse.Namespace) -> int:
             await nats.start()
             env = {"NEBULA_NATS_URL": nats.url}
             gw = await procs.spawn(
-                procs.nebula_argv("gateway", "--port", str(gport), "--max-queue", "4096"),
+                procs.nebula_argv("gateway", "--port", str(gport)),
                 env=env,
                 log_file=tmp / "gateway.log",
             )

@@ -127,7 +127,6 @@ class Gateway(Service):
         await self.models.watch(workers, models)
 
     async def _on_reconnect(self) -> None:
-        await self.dispatcher.ensure_stream()
         await self._watch()
         await self.dispatcher.requeue_unstarted()
 

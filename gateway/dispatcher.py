@@ -30,6 +30,7 @@ from nebula.errors import (
     EngineError,
     NebulaError,
     NoReplica,
+    PayloadTooLarge,
     QueueFull,
     Unavailable,
     WorkerLost,
@@ -40,8 +41,9 @@ from nebula.settings import GatewaySettings, NatsSettings
 
 log = logging.getLogger(__name__)
 
-_JS_MAX_MSGS_PER_SUBJECT = 10077  # "maximum messages per subject exceeded"
-_JS_MAX_MSGS = 10054
+# JetStream refusing a publish to a full stream (discard new): messages, bytes.
+_JS_QUEUE_FULL = (10077, 10078, 10047, 10048)
+_JS_TOO_LARGE = 10054  # "message size exceeds maximum allowed"
 _START = FrameKind.START.value
 _DATA = FrameKind.DATA.value
 _END = FrameKind.END.value
@@ -258,15 +260,13 @@ class Dispatcher:
         self._max_buffered = 4 * settings.stream_window + (1 << 20)
 
     async def start(self) -> None:
-        await self.ensure_stream()
         self._sub = await self.nc.subscribe(
             subjects.reply_wildcard(self.gateway_id), cb=self._on_reply, pending_msgs_limit=-1
         )
 
-    async def ensure_stream(self) -> None:
-        await natsio.ensure_request_stream(
-            self.js, self.nats_settings, max_queue=self.settings.max_queue
-        )
+    async def ensure_stream(self, model: str) -> None:
+        spec = self.registry.spec(model)
+        await natsio.ensure_request_stream(self.js, self.nats_settings, model, spec)
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -367,26 +367,40 @@ class Dispatcher:
                 call.seq = ack.seq
                 return
             except APIError as e:
-                if e.err_code in (_JS_MAX_MSGS_PER_SUBJECT, _JS_MAX_MSGS):
+                if e.err_code in _JS_QUEUE_FULL:
                     raise QueueFull(
-                        f"the queue for `{call.model}` is full "
-                        f"({self.settings.max_queue} waiting); retry later",
+                        f"the queue for `{call.model}` is full ({await self._bound(call.model)}"
+                        "); retry later",
                         retry_after=self.settings.retry_after,
+                    ) from None
+                if e.err_code == _JS_TOO_LARGE:
+                    raise PayloadTooLarge(
+                        f"the request ({len(call.body)} bytes) is larger than the queue "
+                        f"of `{call.model}` accepts"
                     ) from None
                 raise Unavailable(f"could not queue the request: {e.description}") from e
             except (NoRespondersError, NatsTimeout) as e:
-                # The memory stream is gone (NATS restarted): make it again, once.
+                # The model's memory stream is gone (NATS restarted) or was never made
+                # (a worker run by hand not started yet): make it, once.
                 if retry and self.nc.is_connected:
                     with contextlib.suppress(Exception):
-                        await self.ensure_stream()
+                        await self.ensure_stream(call.model)
                     continue
                 raise Unavailable(f"NATS is not accepting requests: {type(e).__name__}") from e
+
+    async def _bound(self, model: str) -> str:
+        """The model's queue bound as JetStream enforces it, for the 429's message."""
+        try:
+            cfg = (await self.js.stream_info(subjects.req_stream(model))).config
+        except Exception:
+            return "its bound is reached"
+        return f"{cfg.max_msgs} requests or {cfg.max_bytes} bytes may wait"
 
     async def withdraw(self, call: Call) -> None:
         """Delete a job nobody started, so it is never run."""
         if call.seq:
             with contextlib.suppress(Exception):
-                await self.js.delete_msg(subjects.REQ_STREAM, call.seq)
+                await self.js.delete_msg(subjects.req_stream(call.model), call.seq)
 
     async def requeue_unstarted(self) -> None:
         """After a reconnect: queue again every job NATS lost (memory storage dies with
@@ -406,7 +420,7 @@ class Dispatcher:
 
     async def _still_queued(self, call: Call) -> bool:
         try:
-            msg = await self.js.get_msg(subjects.REQ_STREAM, call.seq)
+            msg = await self.js.get_msg(subjects.req_stream(call.model), call.seq)
         except Exception:
             return False
         return (msg.headers or {}).get(subjects.H_REQUEST_ID) == call.request_id

@@ -72,7 +72,7 @@ class GatewayServer(Service):
             port=self.settings.port,
             loop="none",  # run on the caller's loop
             http=self.guard.protocol,  # type: ignore[arg-type]
-            timeout_keep_alive=self.settings.idle_timeout,  # type: ignore[arg-type]
+            timeout_keep_alive=self.settings.idle_timeout,
             log_level="warning",
             access_log=False,
             # A hard cap only: close() drains for drain_timeout and then ends every

@@ -6,6 +6,7 @@ status``) and the gateway's admin API, so both validate and answer alike.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TypeVar
@@ -57,6 +58,9 @@ class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     engine_args: list[str] = msgspec.field(default_factory=list)
     engine_options: dict[str, str] = msgspec.field(default_factory=dict)
+    max_queue: int = 256
+    max_queue_bytes: int = 16 * 1024 * 1024
+    max_output_tokens: int = 32768
 
 
 def validate(req: LoadRequest) -> ModelSpec:
@@ -82,6 +86,9 @@ def validate(req: LoadRequest) -> ModelSpec:
         )
     if req.max_concurrency < 1:
         raise InvalidRequest("max_concurrency must be 1 or more", param="max_concurrency")
+    for name in ("max_queue", "max_queue_bytes", "max_output_tokens"):
+        if getattr(req, name) < 1:
+            raise InvalidRequest(f"{name} must be 1 or more", param=name)
     unknown = set(req.engine_options) - ENGINE_OPTIONS[req.engine]
     if unknown:
         raise InvalidRequest(
@@ -107,6 +114,9 @@ def validate(req: LoadRequest) -> ModelSpec:
         engine_args=list(req.engine_args),
         engine_options=dict(req.engine_options),
         created_at=time.time(),
+        max_queue=req.max_queue,
+        max_queue_bytes=req.max_queue_bytes,
+        max_output_tokens=req.max_output_tokens,
     )
 
 
@@ -119,6 +129,10 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     reason: str = ""
     nodes: list[str] = msgspec.field(default_factory=list)
     queued: int = 0
+    max_queue: int = 0
+    # Jobs parked on the dead-letter subject, and batch items waiting.
+    dead_letters: int = 0
+    batch_queued: int = 0
     spec: ModelSpec | None = None
     placements: list[Placement] = msgspec.field(default_factory=list)
 
@@ -131,7 +145,13 @@ class NodeStatus(msgspec.Struct, kw_only=True):
     gpu_allocated: dict[int, float] = msgspec.field(default_factory=dict)
 
 
-def summarize(spec: ModelSpec, placements: list[Placement], queued: int = 0) -> ModelStatus:
+def summarize(
+    spec: ModelSpec,
+    placements: list[Placement],
+    queued: int = 0,
+    dead_letters: int = 0,
+    batch_queued: int = 0,
+) -> ModelStatus:
     ready = sum(p.state is PlacementState.READY for p in placements)
     by_state = {s: [p for p in placements if p.state is s] for s in PlacementState}
     reason = ""
@@ -157,6 +177,9 @@ def summarize(spec: ModelSpec, placements: list[Placement], queued: int = 0) -> 
         reason=reason,
         nodes=nodes,
         queued=queued,
+        max_queue=spec.max_queue,
+        dead_letters=dead_letters,
+        batch_queued=batch_queued,
         spec=spec,
         placements=sorted(placements, key=lambda p: p.replica),
     )
@@ -171,8 +194,10 @@ class ClusterAdmin:
         models: KeyValue,
         placements: KeyValue,
         nodes: KeyValue,
+        settings: NatsSettings,
     ) -> None:
         self.nc = nc
+        self.settings = settings
         self.js = nc.jetstream()
         self.models_kv = models
         self.placements_kv = placements
@@ -186,6 +211,7 @@ class ClusterAdmin:
             await natsio.models_bucket(js, settings),
             await natsio.placements_bucket(js, settings),
             await natsio.nodes_bucket(js, settings),
+            settings,
         )
 
     async def load(self, req: LoadRequest) -> ModelSpec:
@@ -197,6 +223,9 @@ class ClusterAdmin:
                 f"model `{spec.name}` is already loaded; unload it first to change it",
                 param="name",
             ) from None
+        # The spec owns the queue bound: set it now (a stream left by an earlier load
+        # or by a hand-run worker takes the new bound).
+        await natsio.ensure_request_stream(self.js, self.settings, spec.name, spec, update=True)
         return spec
 
     async def unload(self, name: str) -> None:
@@ -223,27 +252,47 @@ class ClusterAdmin:
         )
         return [p for p in found if p is not None]
 
-    async def queue_depths(self) -> dict[str, int]:
+    async def queue_depths(self, models: list[str]) -> dict[str, int]:
+        """Interactive jobs waiting, per model (each model has its own stream)."""
+        depths: dict[str, int] = {}
+        for name in models:
+            with contextlib.suppress(Exception):
+                info = await self.js.stream_info(subjects.req_stream(name))
+                depths[name] = int(info.state.messages)
+        return depths
+
+    async def _per_model(self, stream: str) -> dict[str, int]:
+        """Messages per model token on a stream whose subjects end in the model token."""
         try:
-            info = await self.js.stream_info(subjects.REQ_STREAM, subjects_filter=">")
+            info = await self.js.stream_info(stream, subjects_filter=">")
         except Exception:
             return {}
-        depths: dict[str, int] = {}
+        out: dict[str, int] = {}
         for subject, count in (info.state.subjects or {}).items():
             try:
-                depths[subjects.model_from_token(subject.rsplit(".", 1)[-1])] = count
+                name = subjects.model_from_token(subject.rsplit(".", 1)[-1])
             except ValueError:
-                log.warning("ignoring jobs on a subject Nebula did not name: %r", subject)
-        return depths
+                log.warning("ignoring messages on a subject Nebula did not name: %r", subject)
+                continue
+            out[name] = out.get(name, 0) + count
+        return out
 
     async def models(self) -> list[ModelStatus]:
         specs = await self._specs()
         by_model: dict[str, list[Placement]] = {}
         for p in await self._placements():
             by_model.setdefault(p.model, []).append(p)
-        depths = await self.queue_depths()
+        depths = await self.queue_depths(list(specs))
+        dead = await self._per_model(subjects.DLQ_STREAM)
+        batch = await self._per_model(subjects.JOB_STREAM)
         return [
-            summarize(spec, by_model.get(name, []), depths.get(name, 0))
+            summarize(
+                spec,
+                by_model.get(name, []),
+                depths.get(name, 0),
+                dead.get(name, 0),
+                batch.get(name, 0),
+            )
             for name, spec in sorted(specs.items())
         ]
 

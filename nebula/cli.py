@@ -15,14 +15,15 @@ import click
 import msgspec
 
 from nebula.admin import ClusterAdmin, ModelStatus, NodeStatus
+from nebula.cli_options import options_from, take
 from nebula.errors import EngineError, NebulaError, Unavailable
 from nebula.settings import (
-    DEFAULT_MAX_BODY,
     DEFAULT_NATS_PORT,
     DEFAULT_NATS_URL,
     EmbeddedNatsSettings,
     GatewaySettings,
     NatsSettings,
+    NodeSettings,
     SchedulerSettings,
     WorkerSettings,
     default_data_dir,
@@ -69,53 +70,11 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
-def gateway_options(f: F) -> F:
-    opts = [
-        click.option("--host", default="127.0.0.1", show_default=True, envvar="NEBULA_HOST"),
-        click.option("--port", default=8000, show_default=True, type=int, envvar="NEBULA_PORT"),
-        click.option(
-            "--max-queue",
-            default=256,
-            show_default=True,
-            type=click.IntRange(min=1),
-            help="Jobs that may wait per model before requests get 429.",
-        ),
-        click.option(
-            "--max-body-bytes",
-            default=DEFAULT_MAX_BODY,
-            show_default=True,
-            type=click.IntRange(min=1024),
-            help="Larger request bodies get 413.",
-        ),
-        click.option(
-            "--dispatch-timeout",
-            default=30.0,
-            show_default=True,
-            type=click.FloatRange(min=0.1),
-            help="Seconds a job may wait for a worker (then 503 or 504).",
-        ),
-        click.option(
-            "--keepalive-timeout",
-            default=5.0,
-            show_default=True,
-            type=click.FloatRange(min=0.5),
-            help="Silence after which a worker is considered dead.",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+gateway_options = options_from(GatewaySettings)
 
 
 def _gateway_settings(kw: dict[str, Any]) -> GatewaySettings:
-    return GatewaySettings(
-        host=kw["host"],
-        port=kw["port"],
-        max_queue=kw["max_queue"],
-        max_body_bytes=kw["max_body_bytes"],
-        dispatch_timeout=kw["dispatch_timeout"],
-        keepalive_timeout=kw["keepalive_timeout"],
-    )
+    return GatewaySettings.from_env(**take(GatewaySettings, kw))
 
 
 @main.command()
@@ -185,13 +144,7 @@ def _engine_options(kw: dict[str, Any]) -> dict[str, str]:
     "--engine", type=click.Choice(["sim", "openai", "hf"]), default="sim", show_default=True
 )
 @click.option("--model-path", default=None, help="hf: local model directory.")
-@click.option(
-    "--max-concurrency",
-    default=8,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Jobs this worker runs at once.",
-)
+@options_from(WorkerSettings)
 @engine_options
 @click.option("--worker-id", default=None, hidden=True)
 @click.option("--node-id", default="", hidden=True)
@@ -203,12 +156,12 @@ def worker(nats_url: str, **kw: Any) -> None:
     options = _engine_options(kw)
     if kw.get("model_path"):
         options["model_path"] = kw["model_path"]
+    settings = WorkerSettings.from_env(
+        model=kw["model"], worker_id=kw["worker_id"], **take(WorkerSettings, kw)
+    )
 
     async def serve(stop: asyncio.Event) -> None:
-        engine = build_engine(kw["engine"], options, max_concurrency=kw["max_concurrency"])
-        settings = WorkerSettings(
-            model=kw["model"], max_concurrency=kw["max_concurrency"], worker_id=kw["worker_id"]
-        )
+        engine = build_engine(kw["engine"], options, max_concurrency=settings.max_concurrency)
         async with WorkerProcess(settings, _nats(nats_url), engine, node_id=kw["node_id"]) as wp:
             assert wp.worker is not None
             click.echo(
@@ -340,6 +293,27 @@ def model() -> None:
     metavar="KEY=VALUE",
     help="Only place on nodes with this label (repeatable).",
 )
+@click.option(
+    "--max-queue",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests that may wait for this model (then 429), for every gateway alike.",
+)
+@click.option(
+    "--max-queue-bytes",
+    default=16 * 1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes of requests that may wait for this model (then 429).",
+)
+@click.option(
+    "--max-output-tokens",
+    default=32768,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest max_tokens a request may ask for (400 beyond).",
+)
 @engine_options
 @click.option(
     "--wait/--no-wait",
@@ -367,6 +341,9 @@ def model_load(name: str, nats_url: str, **kw: Any) -> None:
             labels=parse_labels(kw["labels"]),
             engine_args=list(kw["engine_args"]),
             engine_options=options,
+            max_queue=kw["max_queue"],
+            max_queue_bytes=kw["max_queue_bytes"],
+            max_output_tokens=kw["max_output_tokens"],
         )
         async with _admin(nats_url) as admin:
             await admin.load(req)
@@ -430,10 +407,11 @@ def model_list(nats_url: str, as_json: bool) -> None:
             return
         rows = [
             [m.name, m.engine, f"{m.ready}/{m.replicas}",
-             m.state + (f" ({m.reason})" if m.reason else ""), ",".join(m.nodes) or "-"]
+             m.state + (f" ({m.reason})" if m.reason else ""), f"{m.queued}/{m.max_queue}",
+             ",".join(m.nodes) or "-"]
             for m in models
         ]  # fmt: skip
-        click.echo(_table(["MODEL", "ENGINE", "READY", "STATE", "NODES"], rows))
+        click.echo(_table(["MODEL", "ENGINE", "READY", "STATE", "QUEUED", "NODES"], rows))
 
     _run(go())
 
@@ -491,7 +469,8 @@ def _render_status(nodes: list[NodeStatus], models: list[ModelStatus]) -> str:
         ])  # fmt: skip
     model_rows = [
         [m.name, f"{m.ready}/{m.replicas}", m.state + (f" ({m.reason})" if m.reason else ""),
-         str(m.queued), ",".join(m.nodes) or "-"]
+         f"{m.queued}/{m.max_queue}", str(m.batch_queued), str(m.dead_letters),
+         ",".join(m.nodes) or "-"]
         for m in models
     ]  # fmt: skip
     return (
@@ -499,7 +478,7 @@ def _render_status(nodes: list[NodeStatus], models: list[ModelStatus]) -> str:
         + _table(["NODE", "HEARTBEAT", "GPUS free/total", "CPUS", "MEM free/total",
                   "PLACEMENTS"], node_rows)
         + f"\n\nMODELS ({len(models)})\n"
-        + _table(["MODEL", "READY", "STATE", "QUEUED", "NODES"], model_rows)
+        + _table(["MODEL", "READY", "STATE", "QUEUED", "BATCH", "DEAD", "NODES"], model_rows)
     )  # fmt: skip
 
 
@@ -515,28 +494,22 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 @main.command()
 @nats_url_option
-@click.option(
-    "--strategy", type=click.Choice(["binpack", "spread"]), default="binpack", show_default=True
-)
-@click.option(
-    "--node-grace",
-    default=10.0,
-    show_default=True,
-    type=float,
-    help="Seconds a silent node keeps its replicas before they move.",
-)
-def scheduler(nats_url: str, strategy: str, node_grace: float) -> None:
+@options_from(SchedulerSettings)
+def scheduler(nats_url: str, **kw: Any) -> None:
     """Run a scheduler (several may run: one leads, the others stand by)."""
     from nebula import natsio
     from nebula.procs import run_until_signal
     from nebula.scheduler import Scheduler
 
+    settings = SchedulerSettings.from_env(**take(SchedulerSettings, kw))
+    if settings.strategy not in ("binpack", "spread"):
+        raise click.BadParameter("binpack or spread", param_hint="--strategy")
+
     async def serve(stop: asyncio.Event) -> None:
-        settings = SchedulerSettings.from_env(strategy=strategy, node_grace=node_grace)
         nc = await natsio.connect(_nats(nats_url), name="nebula-scheduler")
         try:
             async with Scheduler(nc, settings, nats_settings=_nats(nats_url)):
-                click.echo(f"nebula scheduler ({strategy}) on {nats_url}", err=True)
+                click.echo(f"nebula scheduler ({settings.strategy}) on {nats_url}", err=True)
                 await stop.wait()
         finally:
             await natsio.close_connection(nc)
@@ -546,40 +519,32 @@ def scheduler(nats_url: str, strategy: str, node_grace: float) -> None:
 
 @main.command()
 @nats_url_option
-@click.option("--node-id", default=None, help="Unique node id (default: host name).")
+@options_from(NodeSettings, exclude=("labels", "simulated_gpus"))
 @click.option(
     "--label",
     "labels",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Node label, matched by `model load --label` (repeatable).",
+    help="Node label, matched by `model load --label` (repeatable). [env: NEBULA_NODE_LABELS]",
 )
 @click.option(
-    "--gpus", default=None, help="Simulated GPUs instead of NVML, e.g. 2x80GiB or 80GiB,40GiB."
-)
-@click.option(
-    "--log-dir",
-    type=click.Path(path_type=Path),
+    "--gpus",
+    "simulated_gpus",
     default=None,
-    help="Worker logs (default: the data folder).",
+    help="Simulated GPUs instead of NVML: 2x80GiB or 80GiB,40GiB. [env: NEBULA_SIMULATED_GPUS]",
 )
-def node(
-    nats_url: str,
-    node_id: str | None,
-    labels: tuple[str, ...],
-    gpus: str | None,
-    log_dir: Path | None,
-) -> None:
+def node(nats_url: str, labels: tuple[str, ...], **kw: Any) -> None:
     """Run the node agent: inventory, heartbeats, one worker process per placement."""
     from nebula.procs import run_until_signal
     from nebula.settings import NodeSettings, parse_labels
     from workers.node import NodeAgent
 
+    overrides = take(NodeSettings, kw)
+    if labels:
+        overrides["labels"] = parse_labels(labels)
+    settings = NodeSettings.from_env(**overrides)
+
     async def serve(stop: asyncio.Event) -> None:
-        overrides: dict[str, Any] = {"node_id": node_id, "simulated_gpus": gpus, "log_dir": log_dir}
-        if labels:
-            overrides["labels"] = parse_labels(labels)
-        settings = NodeSettings.from_env(**overrides)
         async with NodeAgent(settings, _nats(nats_url)) as agent:
             click.echo(f"nebula node {agent.node_id} on {nats_url}", err=True)
             await stop.wait()

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlparse
 
+import msgspec
 import nats
 import nats.errors
 from nats.aio.client import Client
@@ -28,6 +29,7 @@ from nats.js.kv import KeyValue
 
 from nebula import subjects
 from nebula.errors import Unavailable
+from nebula.protocol import ModelSpec
 from nebula.settings import NatsSettings
 
 log = logging.getLogger(__name__)
@@ -141,38 +143,57 @@ async def _probe(servers: list[str], timeout: float) -> None:
 
 
 async def ensure_request_stream(
-    js: JetStreamContext, settings: NatsSettings, *, max_queue: int | None
+    js: JetStreamContext,
+    settings: NatsSettings,
+    model: str,
+    spec: ModelSpec | None = None,
+    *,
+    update: bool = False,
 ) -> None:
-    """The interactive work-queue stream; ``max_queue`` bounds waiting jobs per model.
-
-    Workers ack a job the moment they take it, so only waiting jobs count toward
-    the bound. Memory storage: interactive requests die with their HTTP clients.
-    """
+    """The model's interactive work-queue stream, bounded by its spec (or the spec's
+    defaults for a model run by hand). Workers ack a job the moment they take it, so
+    only waiting jobs count. Memory storage: the fastest; a NATS restart loses what
+    waits, and gateways queue those again. Only ``update`` (model load, which owns
+    the spec) rewrites the bounds of a stream that exists."""
+    bounds = spec or ModelSpec(name=model, engine="")
     config = StreamConfig(
-        name=subjects.REQ_STREAM,
-        subjects=[subjects.req_subjects_all()],
+        name=subjects.req_stream(model),
+        subjects=[subjects.req_subject(model)],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.MEMORY,
         discard=DiscardPolicy.NEW,
-        max_msgs_per_subject=max_queue if max_queue is not None else -1,
-        discard_new_per_subject=max_queue is not None,
+        max_msgs=bounds.max_queue,
+        max_bytes=bounds.max_queue_bytes,
         num_replicas=settings.replicas,
         max_age=3600.0,
     )
+    assert config.name is not None
     try:
-        info = await js.stream_info(subjects.REQ_STREAM)
+        info = await js.stream_info(config.name)
     except NotFoundError:
         try:
             await js.add_stream(config)
-        except BadRequestError:
-            pass  # another process created it a moment ago
-        else:
             return
-        info = await js.stream_info(subjects.REQ_STREAM)
-    if max_queue is None:
-        return  # workers leave the queue bound to gateways
-    if info.config.max_msgs_per_subject != max_queue:
+        except BadRequestError:
+            info = await js.stream_info(config.name)  # another process made it just now
+    if update and (info.config.max_msgs, info.config.max_bytes) != (
+        config.max_msgs,
+        config.max_bytes,
+    ):
         await js.update_stream(config)
+
+
+async def model_spec(js: JetStreamContext, settings: NatsSettings, model: str) -> ModelSpec | None:
+    """The model's desired spec, if it was loaded (a worker run by hand has none)."""
+    kv = await models_bucket(js, settings)
+    try:
+        entry = await kv.get(subjects.model_key(model))
+    except Exception:
+        return None
+    try:
+        return msgspec.json.decode(entry.value or b"", type=ModelSpec)
+    except msgspec.DecodeError:
+        return None
 
 
 async def ensure_bucket(

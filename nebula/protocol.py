@@ -59,7 +59,7 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
     # The model's own queue bound, enforced by JetStream for every gateway alike.
     max_queue: int = 256
-    max_queue_bytes: int = 64 * 1024 * 1024
+    max_queue_bytes: int = 16 * 1024 * 1024
     # Largest max_tokens a request may ask for (400 beyond).
     max_output_tokens: int = 32768
 

@@ -1,15 +1,22 @@
-"""Typed settings. Every process gets its settings passed in; nothing reads globals.
+"""Typed settings: the ONE source of every setting's default, environment variable and
+help. Every process gets its settings passed in; nothing reads globals.
 
-Each class has ``from_env`` (``NEBULA_*`` variables) and the CLI builds them from
-flags whose defaults come from the same environment variables.
+A field declared with :func:`setting` carries its help and environment variable
+(``NEBULA_<FIELD NAME>`` unless given); ``Cls.from_env(**overrides)`` reads those
+variables, and the CLI derives its flags from the same fields
+(:func:`nebula.cli_options.options_from`). Precedence: flag, then environment, then default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import platformdirs
 
@@ -19,6 +26,63 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024
 # The embedded server's max_payload sits above the body limit so a job of a body
 # the gateway accepted (plus headers) always fits in one NATS message.
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+
+_S = TypeVar("_S")
+
+
+def setting(default: Any, help: str, *, env: str | None = None, cli: bool = True) -> Any:
+    """A settings field with its help and environment variable (default NEBULA_<NAME>)."""
+    meta = {"help": help, "env": env, "cli": cli}
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("env") or f"NEBULA_{f.name.upper()}"
+
+
+def settings_fields(cls: type) -> list[tuple[dataclasses.Field[Any], Any]]:
+    """(field, resolved type) of every field declared with :func:`setting`."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def base_type(tp: Any) -> Any:
+    """``int | None`` -> int; ``dict[str, str]`` -> dict."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return base_type(args[0])
+    return typing.get_origin(tp) or tp
+
+
+def parse_value(tp: Any, text: str) -> Any:
+    kind = base_type(tp)
+    if kind is bool:
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    if kind is dict:
+        return parse_labels(text)
+    if kind is Path:
+        return Path(text)
+    if text == "" and kind is not str:
+        return None
+    return kind(text)
+
+
+def from_env(cls: type[_S], overrides: dict[str, Any]) -> _S:
+    """Defaults, then NEBULA_* variables, then ``overrides`` (None means "not given")."""
+    values: dict[str, Any] = {}
+    for f, tp in settings_fields(cls):
+        raw = os.environ.get(env_name(f))
+        if raw is not None:
+            try:
+                values[f.name] = parse_value(tp, raw)
+            except ValueError as e:
+                from nebula.errors import InvalidRequest
+
+                raise InvalidRequest(f"{env_name(f)}={raw!r}: {e}", param=f.name) from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
 
 
 def _env(name: str, default: str) -> str:
@@ -31,15 +95,18 @@ def default_data_dir() -> Path:
 
 @dataclass(frozen=True, kw_only=True)
 class NatsSettings:
-    url: str = DEFAULT_NATS_URL
+    url: str = setting(
+        DEFAULT_NATS_URL, "NATS server (or comma-separated cluster URLs).", env="NEBULA_NATS_URL"
+    )
     name: str = "nebula"
-    # JetStream replicas for streams and buckets (3 on a 3-node NATS cluster).
-    replicas: int = 1
+    replicas: int = setting(
+        1, "JetStream replicas for streams and buckets (3 on a 3-node cluster).",
+        env="NEBULA_NATS_REPLICAS",
+    )  # fmt: skip
 
     @classmethod
     def from_env(cls, **overrides: object) -> NatsSettings:
-        base = cls(url=_env("NATS_URL", DEFAULT_NATS_URL), replicas=int(_env("NATS_REPLICAS", "1")))
-        return _replace(base, overrides)
+        return from_env(cls, overrides)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,72 +124,77 @@ class EmbeddedNatsSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class GatewaySettings:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_body_bytes: int = DEFAULT_MAX_BODY
-    # Jobs waiting per model before publishes are refused with 429.
-    max_queue: int = 256
-    # How long a job may wait for a worker to start it (503 with no live worker, 504 if queued).
-    dispatch_timeout: float = 30.0
-    # Silence from a started job longer than this means its worker died.
-    keepalive_timeout: float = 5.0
-    retry_after: float = 1.0
-    gateway_id: str | None = None
-    # SIGTERM: open streams may finish this long, then each ends with an SSE error event.
-    drain_timeout: float = 30.0
-    # Flow control: answer bytes a worker may send ahead of what the client has read.
-    stream_window: int = 256 * 1024
-    # A client that reads nothing for this long while its stream is blocked is cut off.
-    slow_client_timeout: float = 30.0
-    # Connection hygiene: a request head must arrive within header_timeout, a body may
-    # pause at most body_timeout, an idle keep-alive connection closes after idle_timeout;
-    # connections beyond max_connections get 503.
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    idle_timeout: float = 5.0
-    max_connections: int = 4096
+    host: str = setting("127.0.0.1", "Address the HTTP API listens on.")
+    port: int = setting(8000, "Port of the HTTP API.")
+    max_body_bytes: int = setting(DEFAULT_MAX_BODY, "Larger request bodies get 413.")
+    dispatch_timeout: float = setting(
+        30.0, "Seconds a job may wait for a worker to start it (then 503, or 504 if queued)."
+    )
+    keepalive_timeout: float = setting(
+        5.0, "Seconds of silence after which a started job's worker is presumed dead."
+    )
+    retry_after: float = setting(1.0, "Retry-After seconds on 429 and 503.")
+    gateway_id: str | None = setting(None, "Reply-subject id (default: random).", cli=False)
+    drain_timeout: float = setting(
+        30.0, "On SIGTERM, seconds open requests may finish before each gets an error."
+    )
+    stream_window: int = setting(
+        256 * 1024, "Flow control: answer bytes a worker may send ahead of the client."
+    )
+    slow_client_timeout: float = setting(
+        30.0, "A client reading nothing this long while its stream is blocked is cut off."
+    )
+    header_timeout: float = setting(10.0, "Seconds for a request head to arrive (then 408).")
+    body_timeout: float = setting(30.0, "Seconds a request body may stall (then 408).")
+    idle_timeout: int = setting(5, "Seconds an idle keep-alive connection stays open.")
+    max_connections: int = setting(
+        4096, "Open connections at most; beyond, head-less ones are evicted, then 503."
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> GatewaySettings:
-        base = cls(
-            host=_env("HOST", "127.0.0.1"),
-            port=int(_env("PORT", "8000")),
-            max_body_bytes=int(_env("MAX_BODY_BYTES", str(DEFAULT_MAX_BODY))),
-            max_queue=int(_env("MAX_QUEUE", "256")),
-            dispatch_timeout=float(_env("DISPATCH_TIMEOUT", "30")),
-            keepalive_timeout=float(_env("KEEPALIVE_TIMEOUT", "5")),
-        )
-        return _replace(base, overrides)
+        return from_env(cls, overrides)
 
 
 @dataclass(frozen=True, kw_only=True)
 class WorkerSettings:
-    model: str
-    max_concurrency: int = 8
-    worker_id: str | None = None
-    # First token goes out at once; later ones are batched up to this many or this long.
-    batch_tokens: int = 16
-    batch_ms: float = 15.0
-    keepalive_interval: float = 1.0
-    heartbeat_interval: float = 1.0
-    # How long in-flight requests may finish after stop() before they are cancelled.
-    drain_timeout: float = 30.0
-    labels: dict[str, str] = field(default_factory=dict)
-    # Engine health is checked this often; a failing engine stops pulling jobs until healthy.
-    health_interval: float = 5.0
-    health_timeout: float = 5.0
-    # Largest max_tokens a request may ask for (400 beyond); the model spec's limit.
-    max_output_tokens: int = 32768
-    # A job delivered this many times without being taken goes to the dead-letter subject.
-    max_deliver: int = 5
-    # A job handed to a worker that never acks it goes back to the queue after this long.
-    ack_wait: float = 10.0
-    # A stream whose reader grants no flow-control credit this long is abandoned.
-    credit_timeout: float = 60.0
-    # Batch-job items: taken only while interactive work leaves a slot free; an item
-    # not acked this long (its worker died) goes back to the queue.
-    batch: bool = True
-    batch_ack_wait: float = 60.0
+    model: str = setting("", "Model name clients ask for.", cli=False)
+    max_concurrency: int = setting(8, "Jobs this worker runs at once.")
+    worker_id: str | None = setting(None, "Worker id (default: w<pid>-<random>).", cli=False)
+    batch_tokens: int = setting(16, "After the first token, tokens are batched up to this many...")
+    batch_ms: float = setting(15.0, "...or this many milliseconds.")
+    keepalive_interval: float = setting(1.0, "Seconds between keepalive frames of a silent job.")
+    heartbeat_interval: float = setting(
+        1.0, "Seconds between worker heartbeats.", env="NEBULA_WORKER_HEARTBEAT_INTERVAL"
+    )
+    drain_timeout: float = setting(
+        30.0,
+        "On stop, seconds in-flight jobs may finish before they are cancelled.",
+        env="NEBULA_WORKER_DRAIN_TIMEOUT",
+    )
+    labels: dict[str, str] = setting({}, "Worker labels.", cli=False)
+    health_interval: float = setting(
+        5.0, "Seconds between engine health checks (a failing engine takes no jobs)."
+    )
+    health_timeout: float = setting(5.0, "Seconds an engine health check may take.")
+    max_output_tokens: int = setting(32768, "Largest max_tokens a request may ask for.")
+    max_deliver: int = setting(
+        5, "A job delivered more often than this goes to the dead-letter subject."
+    )
+    ack_wait: float = setting(
+        10.0, "Seconds before a job taken by a worker that never acked it is handed on."
+    )
+    credit_timeout: float = setting(
+        60.0, "Seconds a stream may wait for flow-control credit before it is abandoned."
+    )
+    batch: bool = setting(True, "Also take batch-job items (when interactive work leaves room).")
+    batch_ack_wait: float = setting(
+        60.0, "Seconds before a batch item whose worker died is handed on."
+    )
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> WorkerSettings:
+        return from_env(cls, overrides)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,40 +216,27 @@ class OpenAIUpstreamSettings:
     timeout: float = 600.0
 
 
-def _replace(obj, overrides: dict[str, object]):
-    from dataclasses import replace
-
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    return replace(obj, **clean) if clean else obj
-
-
 @dataclass(frozen=True, kw_only=True)
 class SchedulerSettings:
-    # binpack: fullest GPU that still fits; spread: emptiest GPU, replicas on distinct nodes.
-    strategy: str = "binpack"
-    # Leader lease: a standby takes over about this long after the leader dies.
-    lease_ttl: float = 3.0
-    # A node whose last heartbeat (local receive time) is older than this is down; node
-    # agents beat every ~2 s, so this allows two missed beats and then some...
-    node_ttl: float = 6.0
+    strategy: str = setting(
+        "binpack",
+        "binpack: fullest GPU that still fits; spread: emptiest GPU, replicas on distinct nodes.",
+        env="NEBULA_SCHEDULER_STRATEGY",
+    )
+    lease_ttl: float = setting(
+        3.0, "Leader lease: a standby takes over about this long after the leader dies."
+    )
+    # Node agents beat every ~2 s: node_ttl allows two missed beats and then some...
+    node_ttl: float = setting(6.0, "A node silent this long is down.")
     # ...but its replicas move only after this much longer, so a NATS blip reshuffles nothing.
-    node_grace: float = 10.0
-    # Bursts of KV updates within this window make one reconcile pass.
-    debounce: float = 0.05
-    # Placement writes in flight at once (pipelined, each acked by JetStream).
-    max_inflight_writes: int = 256
-    # Value of the leader key; defaults to host-pid-random.
-    scheduler_id: str | None = None
+    node_grace: float = setting(10.0, "Seconds a silent node keeps its replicas before they move.")
+    debounce: float = setting(0.05, "Bursts of KV updates within this window make one pass.")
+    max_inflight_writes: int = setting(256, "Placement writes in flight at once.")
+    scheduler_id: str | None = setting(None, "Leader key value (default: host-pid-random).")
 
     @classmethod
     def from_env(cls, **overrides: object) -> SchedulerSettings:
-        base = cls(
-            strategy=_env("SCHEDULER_STRATEGY", "binpack"),
-            lease_ttl=float(_env("LEASE_TTL", "3")),
-            node_ttl=float(_env("NODE_TTL", "6")),
-            node_grace=float(_env("NODE_GRACE", "10")),
-        )
-        return _replace(base, overrides)
+        return from_env(cls, overrides)
 
 
 def parse_labels(text: str | Iterable[str]) -> dict[str, str]:
@@ -200,37 +259,28 @@ def parse_labels(text: str | Iterable[str]) -> dict[str, str]:
 class NodeSettings:
     """The node agent (``nebula node``): one per machine."""
 
-    # Defaults to the host name; must be unique in the cluster.
-    node_id: str | None = None
-    # Matched against a model's label selector (``nebula model load --label``).
-    labels: dict[str, str] = field(default_factory=dict)
-    # Simulated GPUs ("2x80GiB", "80GiB,40GiB") instead of asking NVML; "" means none.
-    simulated_gpus: str | None = None
-    # Worker log files (one per placement); default: <data dir>/logs/<node id>.
-    log_dir: Path | None = None
-    # Heartbeats to the nodes bucket; the scheduler's node_ttl allows a few missed ones.
-    heartbeat_interval: float = 2.0
-    # Consecutive crashes after which a placement is marked Failed (and not restarted).
-    max_crashes: int = 5
-    # Restart delay after a crash: backoff_initial, doubling, at most backoff_max.
-    backoff_initial: float = 0.5
-    backoff_max: float = 30.0
-    # A worker that ran this long before crashing starts a new crash count.
-    stable_after: float = 60.0
-    # A worker that has not reported ready this long after start counts as crashed.
-    ready_timeout: float = 600.0
-    # SIGTERM, then this long to drain in-flight requests, then SIGKILL.
-    stop_timeout: float = 40.0
+    node_id: str | None = setting(None, "Unique node id (default: the host name).")
+    labels: dict[str, str] = setting(
+        {}, "Node labels k=v,k2=v2, matched by `model load --label`.", env="NEBULA_NODE_LABELS"
+    )
+    simulated_gpus: str | None = setting(
+        None, "Simulated GPUs (2x80GiB, 80GiB,40GiB) instead of NVML.", env="NEBULA_SIMULATED_GPUS"
+    )
+    log_dir: Path | None = setting(
+        None, "Worker log files (default: <data dir>/logs/<node id>).", env="NEBULA_NODE_LOG_DIR"
+    )
+    heartbeat_interval: float = setting(
+        2.0, "Seconds between node heartbeats.", env="NEBULA_NODE_HEARTBEAT_INTERVAL"
+    )
+    max_crashes: int = setting(
+        5, "Consecutive worker crashes before a placement is Failed.", env="NEBULA_NODE_MAX_CRASHES"
+    )
+    backoff_initial: float = setting(0.5, "First restart delay after a crash (doubling)...")
+    backoff_max: float = setting(30.0, "...up to this many seconds.")
+    stable_after: float = setting(60.0, "A worker that ran this long starts a new crash count.")
+    ready_timeout: float = setting(600.0, "Seconds a starting worker has to report ready.")
+    stop_timeout: float = setting(40.0, "SIGTERM, this long to drain, then SIGKILL.")
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeSettings:
-        log_dir = _env("NODE_LOG_DIR", "")
-        base = cls(
-            node_id=_env("NODE_ID", "") or None,
-            labels=parse_labels(_env("NODE_LABELS", "")),
-            simulated_gpus=os.environ.get("NEBULA_SIMULATED_GPUS"),
-            log_dir=Path(log_dir) if log_dir else None,
-            heartbeat_interval=float(_env("NODE_HEARTBEAT_INTERVAL", "2")),
-            max_crashes=int(_env("NODE_MAX_CRASHES", "5")),
-        )
-        return _replace(base, overrides)
+        return from_env(cls, overrides)

@@ -61,7 +61,13 @@ def model_from_token(token: str) -> str:
 
 # --- interactive requests ---------------------------------------------------
 
-REQ_STREAM = "NEBULA_REQ"
+REQ_STREAM_PREFIX = "NEBULA_REQ_"
+
+
+def req_stream(model: str) -> str:
+    """One work-queue stream per model: its bound (messages and bytes) is the model's
+    own, enforced by JetStream identically for every gateway."""
+    return f"{REQ_STREAM_PREFIX}{model_token(model)}"
 
 
 def req_subject(model: str) -> str:

@@ -20,7 +20,13 @@ from nebula import natsio, procs
 from nebula.admin import ClusterAdmin, LoadRequest
 from nebula.embedded import EmbeddedNats
 from nebula.errors import Conflict, Unavailable
-from nebula.settings import EmbeddedNatsSettings, GatewaySettings, NatsSettings
+from nebula.settings import (
+    EmbeddedNatsSettings,
+    GatewaySettings,
+    NatsSettings,
+    env_name,
+    settings_fields,
+)
 
 DEMO_MODEL = "sim-chat"
 DEMO_LOAD = LoadRequest(
@@ -91,14 +97,13 @@ class Stack:
 
     async def _start_children(self, nats_url: str) -> None:
         env = {"NEBULA_NATS_URL": nats_url}
-        g = self.gateway
-        gateway_argv = procs.nebula_argv(
-            "gateway", "--host", g.host, "--port", str(g.port),
-            "--max-queue", str(g.max_queue), "--max-body-bytes", str(g.max_body_bytes),
-            "--dispatch-timeout", str(g.dispatch_timeout),
-            "--keepalive-timeout", str(g.keepalive_timeout),
-        )  # fmt: skip
-        await self._spawn("gateway", gateway_argv, env)
+        # The gateway child gets its settings the way any process does: NEBULA_* variables.
+        gateway_env = dict(env)
+        for f, _ in settings_fields(GatewaySettings):
+            value = getattr(self.gateway, f.name)
+            if value is not None:
+                gateway_env[env_name(f)] = str(value)
+        await self._spawn("gateway", procs.nebula_argv("gateway"), gateway_env)
         await self._spawn("scheduler", procs.nebula_argv("scheduler"), env)
         node_argv = procs.nebula_argv("node", "--log-dir", str(self.log_dir / "workers"))
         if self.gpus:

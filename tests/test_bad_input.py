@@ -124,8 +124,14 @@ async def test_body_within_default_limit_is_served(fabric: Fabric, unique: str) 
 
 
 async def test_queue_full_429_with_retry_after(fabric: Fabric, unique: str) -> None:
+    from nebula.admin import LoadRequest
+
     model = f"q-{unique}"
-    gw = await fabric.gateway(max_queue=2, dispatch_timeout=20)
+    gw = await fabric.gateway(dispatch_timeout=20)
+    assert gw.gateway is not None and gw.gateway.admin is not None
+    await gw.gateway.admin.load(LoadRequest(name=model, engine="sim", max_queue=2))
+    # A second gateway with other settings changes nothing: the bound is the model's.
+    other = await fabric.gateway(dispatch_timeout=3, stream_window=4096)
     worker = await fabric.worker(model, max_concurrency=1, ttft_ms=1500)
     client = await fabric.client(gw)
 
@@ -142,9 +148,14 @@ async def test_queue_full_429_with_retry_after(fabric: Fabric, unique: str) -> N
         r = await http.post("/v1/chat/completions", json={"model": model, "messages": MSG})
     assert r.status_code == 429
     assert int(r.headers["Retry-After"]) >= 1
-    assert _error(r)["code"] == "queue_full"
+    err = _error(r)
+    assert err["code"] == "queue_full" and "2 requests" in str(err["message"])
+    async with httpx.AsyncClient(base_url=other.base_url) as http:
+        r = await http.post("/v1/chat/completions", json={"model": model, "messages": MSG})
+    assert r.status_code == 429
     done = await asyncio.gather(*running)  # nothing queued was lost
     assert len(done) == 3
+    await gw.gateway.admin.unload(model)
 
 
 async def test_deadline_in_queue_504_and_never_run(fabric: Fabric, unique: str) -> None:

@@ -376,7 +376,7 @@ async def test_job_delivered_too_often_is_dead_lettered(
     ws = {"max_deliver": 1, "ack_wait": 0.5}
     # The model's queue and consumer, as its workers make them.
     maker = Worker(WorkerSettings(model=model, **ws), SimEngine(SimSettings()), nc, nats_settings)
-    await natsio.ensure_request_stream(nc.jetstream(), nats_settings, max_queue=None)
+    await natsio.ensure_request_stream(nc.jetstream(), nats_settings, model)
     await maker._ensure_consumer()
     js = nc.jetstream()
     inbox = nc.new_inbox()
@@ -390,7 +390,7 @@ async def test_job_delivered_too_often_is_dead_lettered(
     # A consumer that takes the job and never acks it (a worker dying before its ack).
     black_hole = nc.new_inbox()
     taken = await _collect(nc, black_hole)
-    pull = subjects.pull_next_subject(subjects.REQ_STREAM, subjects.req_consumer(model))
+    pull = subjects.pull_next_subject(subjects.req_stream(model), subjects.req_consumer(model))
     await nc.publish(pull, b'{"batch":1,"expires":2000000000}', reply=black_hole)
     await until(lambda: any(m.data == body for m in taken))
     worker = await fabric.worker(model, worker=ws)

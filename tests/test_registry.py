@@ -59,22 +59,34 @@ async def test_bad_keys_and_values_are_skipped_and_watching_goes_on(
     await models.delete(subjects.model_key(f"junk-{unique}"))
 
 
-async def test_undecodable_request_subject_does_not_break_views(
-    fabric: Fabric, nc: Client, nats_settings: NatsSettings
+async def test_undecodable_names_do_not_break_views(
+    fabric: Fabric, nc: Client, nats_settings: NatsSettings, unique: str
 ) -> None:
+    """Jobs on subjects Nebula did not name (dead letters, batch items) and requests to
+    them are skipped by the admin views, never a 500 or a crash of `model list`."""
     gw = await fabric.gateway()
+    assert gw.gateway is not None and gw.gateway.admin is not None
+    from nebula.admin import LoadRequest
+
+    await gw.gateway.admin.load(LoadRequest(name=f"view-{unique}", engine="sim"))
     js = nc.jetstream()
-    await natsio.ensure_request_stream(js, nats_settings, max_queue=None)
-    await js.publish(f"{subjects.ROOT}.req.bad_ZZ", b"{}")
+    await natsio.ensure_dlq_stream(js, nats_settings)
+    await natsio.ensure_batch_streams(js, nats_settings)
+    await js.publish(f"{subjects.ROOT}.dlq.bad_ZZ", b"{}")
+    await js.publish(f"{subjects.ROOT}.job.bad_ZZ", b"{}")
+    await nc.publish(f"{subjects.ROOT}.req.bad_ZZ", b"{}")
     async with httpx.AsyncClient(base_url=gw.base_url) as http:
         r = await http.get("/v1/admin/models")
     assert r.status_code == 200, r.text
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "nebula.cli", "model", "list", "--nats-url", nats_settings.url,
-        env={**os.environ, "PYTHONPATH": os.getcwd()},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    assert "Traceback" not in err.decode()
-    await js.purge_stream(subjects.REQ_STREAM, subject=f"{subjects.ROOT}.req.bad_ZZ")
+    for args in (("model", "list"), ("cluster", "status")):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "nebula.cli", *args, "--nats-url", nats_settings.url,
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert "Traceback" not in err.decode() and f"view-{unique}" in out.decode()
+    await js.purge_stream(subjects.DLQ_STREAM, subject=f"{subjects.ROOT}.dlq.bad_ZZ")
+    await js.purge_stream(subjects.JOB_STREAM, subject=f"{subjects.ROOT}.job.bad_ZZ")
+    await gw.gateway.admin.unload(f"view-{unique}")

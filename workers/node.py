@@ -348,7 +348,10 @@ class _Replica:
             f"--node-id={agent.node_id}",
             f"--nats-url={agent.nats_settings.url}",
         )
-        env = {"PYTHONUNBUFFERED": "1"}
+        if spec.model_path:
+            argv.append(f"--model-path={spec.model_path}")
+        # The spec's limits reach the worker as its settings' environment variables.
+        env = {"PYTHONUNBUFFERED": "1", "NEBULA_MAX_OUTPUT_TOKENS": str(spec.max_output_tokens)}
         for name, value in sorted(spec.engine_options.items()):
             if name in _OPTION_FLAGS:
                 if value != "":

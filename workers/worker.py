@@ -158,7 +158,7 @@ class Worker(Service):
         self.worker_id = settings.worker_id or f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.state = WorkerState.CREATED
         self.model = settings.model
-        self._stream_name = subjects.REQ_STREAM
+        self._stream_name = subjects.req_stream(self.model)
         self._consumer = subjects.req_consumer(self.model)
         self._pull_subject = subjects.pull_next_subject(self._stream_name, self._consumer)
         self._deliver = nc.new_inbox()
@@ -200,7 +200,7 @@ class Worker(Service):
 
     async def start(self) -> None:
         js = self.nc.jetstream()
-        await natsio.ensure_request_stream(js, self.nats_settings, max_queue=None)
+        await self._ensure_stream()
         await natsio.ensure_dlq_stream(js, self.nats_settings)
         await self._ensure_consumer()
         self._kv = await natsio.workers_bucket(js, self.nats_settings)
@@ -225,6 +225,11 @@ class Worker(Service):
         ]
         await self._refill()
         log.info("worker %s serving %r", self.worker_id, self.model)
+
+    async def _ensure_stream(self) -> None:
+        js = self.nc.jetstream()
+        spec = await natsio.model_spec(js, self.nats_settings, self.model)
+        await natsio.ensure_request_stream(js, self.nats_settings, self.model, spec)
 
     async def _ensure_consumer(self) -> None:
         js = self.nc.jetstream()
@@ -555,8 +560,7 @@ class Worker(Service):
             return
         self._last_repair = now
         try:
-            js = self.nc.jetstream()
-            await natsio.ensure_request_stream(js, self.nats_settings, max_queue=None)
+            await self._ensure_stream()
             await self._ensure_consumer()
         except Exception as e:
             log.warning("could not re-create the queue for %r: %s", self.model, e)
