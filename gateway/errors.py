@@ -23,6 +23,13 @@ _FIELD = re.compile(r"field `([^`]+)`")
 
 def decode(body: bytes, type: type[_T]) -> _T:
     """Decode a request body; every way a body can be bad is a 400, never a 500."""
+    if not body.isascii():
+        # msgspec skips unknown fields without checking their UTF-8, and the body is
+        # forwarded as it is: check it whole (cheap, and only for non-ASCII bodies).
+        try:
+            body.decode()
+        except UnicodeDecodeError as e:
+            raise InvalidRequest(f"request body is not valid UTF-8 (byte {e.start})") from None
     try:
         return msgspec.json.decode(body, type=type)
     except msgspec.DecodeError as e:

@@ -3,7 +3,12 @@
 # This is the README's test command and exactly what CI runs (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+PIP="python -m pip install --quiet --disable-pip-version-check"
+# The embed extra needs torch: a CPU build is enough for the tests (on machines with a
+# wheel cache of torch 2.13.0+cpu this takes it; unpinned, pip would fetch a CUDA build).
+python -c "import torch" 2>/dev/null || $PIP torch==2.13.0
+$PIP -e '.[test,embed]'
+export HF_HUB_OFFLINE=1  # models come from local directories only
 python -m ruff check .
 python -m ruff format --check .
 python -m mypy

@@ -211,7 +211,8 @@ async def test_invalid_utf8_and_deep_nesting_are_400(http: httpx.AsyncClient, un
     head = b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": '
     bad_utf8 = head + b'"\xff\xfe"}]}'
     deep = head + b"[" * 100_000 + b"]" * 100_000 + b"}]}"
-    for body in (bad_utf8, deep, b"[" * 100_000 + b"]" * 100_000):
+    hidden = head + b'"hi"}], "vendor_field": "\xc3\x28"}'  # in a field Nebula skips
+    for body in (bad_utf8, deep, hidden, b"[" * 100_000 + b"]" * 100_000):
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             r = await http.post(path, content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 400, (path, r.text[:200])

