@@ -187,6 +187,7 @@ def nats_cmd(host: str, nats_port: int, data_dir: Path | None) -> None:
     """Run the embedded NATS server (JetStream on) with the config from nats/."""
     from nebula.embedded import EmbeddedNats
     from nebula.procs import run_until_signal
+    from nebula.up import describe_exit
 
     data = data_dir or default_data_dir()
 
@@ -194,7 +195,17 @@ def nats_cmd(host: str, nats_port: int, data_dir: Path | None) -> None:
         settings = EmbeddedNatsSettings(host=host, port=nats_port, store_dir=data / "nats")
         async with EmbeddedNats(settings, log_file=data / "nats.log") as server:
             click.echo(f"nebula nats: {server.url} (store {settings.store_dir})", err=True)
-            await stop.wait()
+            assert server.proc is not None
+            died = asyncio.ensure_future(server.proc.wait())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait((died, stopper), return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if died.done():  # the wrapper must not outlive its server
+                raise Unavailable(
+                    f"nats-server exited with {describe_exit(died.result())}; "
+                    f"see {data / 'nats.log'}"
+                )
+            died.cancel()
 
     _run(run_until_signal(serve))
 
@@ -217,7 +228,9 @@ def nats_cmd(host: str, nats_port: int, data_dir: Path | None) -> None:
 @click.option("--gpus", default=None, help="Simulated GPUs for the local node, e.g. 2x80GiB.")
 @click.option("--node-id", default=None, help="Local node id (default: host name).")
 @gateway_options
+@click.pass_context
 def up(
+    ctx: click.Context,
     demo: bool,
     nats_url: str | None,
     nats_port: int,
@@ -230,6 +243,8 @@ def up(
     from nebula.procs import run_until_signal
     from nebula.up import Stack
 
+    if ctx.get_parameter_source("nats_port") is click.core.ParameterSource.COMMANDLINE:
+        nats_url = None  # an explicit --nats-port means: run an embedded NATS
     stack = Stack(
         gateway=_gateway_settings(kw),
         nats_url=nats_url,

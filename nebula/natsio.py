@@ -107,7 +107,7 @@ async def connect(
     servers = [u.strip() for u in settings.url.split(",") if u.strip()]
     # nats-py retries an unreachable first server forever when reconnects are on:
     # probe first so an absent NATS is a clear error, not a hang.
-    await _probe(servers, connect_timeout)
+    await probe(servers, connect_timeout)
     try:
         nc = await nats.connect(
             servers,
@@ -126,7 +126,7 @@ async def connect(
     return nc
 
 
-async def _probe(servers: list[str], timeout: float) -> None:
+async def probe(servers: list[str], timeout: float) -> None:
     errors = []
     for url in servers:
         parsed = urlparse(url if "://" in url else f"nats://{url}")

@@ -95,3 +95,155 @@ async def test_up_demo_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> Non
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def _role(pid: int) -> str | None:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if argv and argv[0].endswith(b"nats-server"):
+        return "nats"
+    if b"nebula.cli" in argv:
+        i = argv.index(b"nebula.cli")
+        rest = [a for a in argv[i + 1 :] if a and not a.startswith(b"-")]
+        return rest[0].decode() if rest else None
+    return None
+
+
+def _children_by_role(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for child in _descendants(pid):
+        role = _role(child)
+        if role in ("nats", "gateway", "scheduler", "node") and _alive(child):
+            # a direct child of `nebula up` (workers are the node agent's)
+            stat = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == pid:
+                out[role] = child
+    return out
+
+
+async def _start_up(tmp_path: Path, port: int, *extra: str, env: dict[str, str] | None = None):
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nebula.cli", "up", "--port", str(port), "--data-dir",
+        str(tmp_path), *extra,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+
+
+async def _chat_ok(port: int, timeout: float = 60.0) -> None:
+    """A chat completion succeeds (retrying while a restarted process comes back)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Exception | None = None
+    async with AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
+                           timeout=5) as client:  # fmt: skip
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                r = await client.chat.completions.create(
+                    model="sim-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                )
+                assert r.choices[0].message.content
+                return
+            except Exception as e:
+                last = e
+                await asyncio.sleep(0.25)
+    raise AssertionError(f"no answer after a restart: {last!r}")
+
+
+async def test_up_restarts_every_child_that_dies(tmp_path: Path) -> None:
+    """SIGKILL of the gateway, the scheduler, the node agent and nats-server: each is
+    restarted (new pid, logged), requests are answered again, nebula up keeps running."""
+    port, nats_port = _free_port(), _free_port()
+    proc = await _start_up(
+        tmp_path, port, "--demo", "--nats-port", str(nats_port),
+        env={"NEBULA_UP_BACKOFF_INITIAL": "0.2"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    out: list[str] = []
+
+    async def read_all() -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            out.append(line.decode())
+
+    reader = asyncio.create_task(read_all())
+    try:
+        async with asyncio.timeout(90):
+            while not any("Ctrl-C" in line for line in out):
+                assert proc.returncode is None, "".join(out)
+                await asyncio.sleep(0.1)
+        await _chat_ok(port)
+        for role in ("gateway", "scheduler", "node", "nats"):
+            before = _children_by_role(proc.pid)
+            assert role in before, (role, before)
+            os.kill(before[role], signal.SIGKILL)
+            async with asyncio.timeout(30):
+                while _children_by_role(proc.pid).get(role) in (None, before[role]):
+                    assert proc.returncode is None, "".join(out)
+                    await asyncio.sleep(0.1)
+            await _chat_ok(port)
+        text = "".join(out)
+        for name in ("gateway", "scheduler", "node", "nats-server"):
+            assert f"{name} exited with signal SIGKILL" in text, text
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        reader.cancel()
+
+
+async def test_up_stops_with_a_clear_message_when_a_child_crash_loops(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # the gateway can never bind its port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = await _start_up(
+            tmp_path, port, "--nats-port", str(_free_port()),
+            env={"NEBULA_UP_BACKOFF_INITIAL": "0.1", "NEBULA_UP_MAX_CRASHES": "2"},
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 1, text
+    assert "gateway crashed" in text and "gateway.log" in text, text
+    assert "Traceback" not in text
+
+
+async def test_up_says_when_the_nats_it_should_join_is_unreachable(tmp_path: Path) -> None:
+    closed = _free_port()
+    proc = await _start_up(
+        tmp_path, _free_port(), env={"NEBULA_NATS_URL": f"nats://127.0.0.1:{closed}"}
+    )
+    async with asyncio.timeout(20):
+        out, _ = await proc.communicate()
+    text = out.decode()
+    assert proc.returncode == 1
+    assert f"NATS at nats://127.0.0.1:{closed} is unreachable" in text and "--nats-port" in text
+    assert "Traceback" not in text
+
+
+async def test_nebula_nats_exits_when_its_server_dies(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nebula.cli", "nats", "--port", str(_free_port()),
+        "--data-dir", str(tmp_path), env={**os.environ, "PYTHONPATH": os.getcwd()},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            banner = (await proc.stdout.readline()).decode()  # printed once it serves
+        assert banner.startswith("nebula nats:"), banner
+        servers = [p for p in _descendants(proc.pid) if _role(p) == "nats"]
+        os.kill(servers[0], signal.SIGKILL)
+        async with asyncio.timeout(20):
+            out, _ = await proc.communicate()
+        assert proc.returncode == 1
+        assert "nats-server exited with signal SIGKILL" in out.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
