@@ -170,7 +170,9 @@ async def python_client(url: str, conc: int, n: int) -> dict[str, float]:
     return await _timed(user, conc, n, ttft, total)
 
 
-def wrk(url: str, conc: int, seconds: int, payload: bytes) -> dict[str, float]:
+def wrk(
+    url: str, conc: int, seconds: int, payload: bytes, path: str = "/v1/chat/completions"
+) -> dict[str, float]:
     exe = shutil.which("wrk")
     if exe is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -183,7 +185,7 @@ def wrk(url: str, conc: int, seconds: int, payload: bytes) -> dict[str, float]:
             "--latency",
             "-s",
             str(ROOT / "benchmarks" / "post.lua"),
-            f"{url}/v1/chat/completions",
+            f"{url}{path}",
         ],
         env={**os.environ, "NEBULA_BODY": payload.decode()},
         capture_output=True,

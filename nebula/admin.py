@@ -24,13 +24,14 @@ from nebula.settings import NatsSettings
 log = logging.getLogger(__name__)
 
 # Engines that run here today, and those announced but not yet built.
-ENGINES = ("sim", "openai")
-COMING = {"vllm": "the vLLM engine", "hf": "the transformers/sentence-transformers engine"}
+ENGINES = ("sim", "openai", "hf")
+COMING = {"vllm": "the in-process vLLM engine"}
 
 # engine -> the engine_options keys it understands.
 ENGINE_OPTIONS = {
     "sim": {"ttft_ms", "itl_ms", "max_tokens"},
     "openai": {"upstream_url", "upstream_api_key", "upstream_model"},
+    "hf": set(),
 }
 
 
@@ -94,6 +95,10 @@ def validate(req: LoadRequest) -> ModelSpec:
         raise InvalidRequest(
             f"engine {req.engine!r} does not take option(s) {', '.join(sorted(unknown))}",
             param="engine_options",
+        )
+    if req.engine == "hf" and not req.model_path:
+        raise InvalidRequest(
+            "the hf engine needs model_path (a local directory)", param="model_path"
         )
     if req.engine == "openai" and not req.engine_options.get("upstream_url"):
         raise InvalidRequest("the openai engine needs upstream_url", param="upstream_url")

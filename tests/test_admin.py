@@ -140,7 +140,8 @@ async def test_cli_model_lifecycle(nats_settings: NatsSettings, unique: str) -> 
         (["--engine", "sim", "--replicas", "0"], "replicas must be 1 or more"),
         (["--engine", "sim", "--gpu-memory", "1.5"], "between 0 and 1"),
         (["--engine", "nope"], "unknown engine"),
-        (["--engine", "hf"], "not available yet"),
+        (["--engine", "hf"], "needs model_path"),
+        (["--engine", "vllm"], "not available yet"),
         (["--engine", "sim", "--label", "novalue"], "not key=value"),
     ],
 )
