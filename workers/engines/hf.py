@@ -162,14 +162,13 @@ class HFEngine:
                 f"`{job.model}` has {self.dimension} dimensions and cannot shorten them",
                 param="dimensions",
             )
-        counts = self._token_counts(texts)
+        vectors, counts = await self.embed(texts, priority=job.priority)
         for i, n in enumerate(counts):
             if n > self.max_tokens:
                 raise InvalidRequest(
                     f"input[{i}] has {n} tokens; `{job.model}` takes at most {self.max_tokens}",
                     param="input",
                 )
-        vectors = await self.embed(texts, priority=job.priority)
         items = [
             _Item(object="embedding", index=i, embedding=_encode(v, req.encoding_format))
             for i, v in enumerate(vectors)
@@ -185,11 +184,7 @@ class HFEngine:
         )
         yield Output(chunk=body, tokens=0)
 
-    def _token_counts(self, texts: list[str]) -> list[int]:
-        enc = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(ids) for ids in enc]
-
-    async def embed(self, texts: list[str], *, priority: int = 0) -> list[Any]:
+    async def embed(self, texts: list[str], *, priority: int = 0) -> tuple[list[Any], list[int]]:
         """Rows of one forward pass shared with whoever else is waiting now."""
         loop = asyncio.get_running_loop()
         self._seq += 1
@@ -197,7 +192,7 @@ class HFEngine:
         self._queue.append(pending)
         self._wakeup.set()
         try:
-            result: list[Any] = await pending.future
+            result: tuple[list[Any], list[int]] = await pending.future
         finally:
             pending.done = True
         return result
@@ -228,7 +223,7 @@ class HFEngine:
             texts = [t for p in batch for t in p.texts]
             self._running = len(batch)
             try:
-                vectors = await asyncio.to_thread(self._encode, texts)
+                out = await asyncio.to_thread(self._encode, texts)
             except Exception as e:
                 log.exception("forward pass failed")
                 for p in batch:
@@ -238,17 +233,22 @@ class HFEngine:
             finally:
                 self._running = 0
             self.forward_passes += 1
+            vectors, counts = out
             at = 0
             for p in batch:
-                rows = vectors[at : at + len(p.texts)]
-                at += len(p.texts)
+                n = len(p.texts)
                 if not p.future.done():
-                    p.future.set_result(rows)
+                    p.future.set_result((vectors[at : at + n], counts[at : at + n]))
+                at += n
 
-    def _encode(self, texts: list[str]) -> Any:
-        return self._model.encode(
+    def _encode(self, texts: list[str]) -> tuple[Any, list[int]]:
+        """One forward pass, and every text's token count (one batched tokenizer call,
+        off the event loop: inputs over the model's length are refused by count)."""
+        ids = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        vectors = self._model.encode(
             texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
         )
+        return vectors, [len(x) for x in ids]
 
 
 def _encode(vector: Any, fmt: str) -> list[float] | str:
