@@ -14,8 +14,15 @@ import openai
 import pytest
 
 from gateway.server import GatewayServer
-from nebula.settings import GatewaySettings, NatsSettings, WorkerSettings
+from nebula.settings import (
+    GatewaySettings,
+    NatsSettings,
+    OpenAIUpstreamSettings,
+    WorkerSettings,
+)
+from tests.conftest import Fabric
 from workers.engines.hf import HFEngine, HFSettings
+from workers.engines.openai_bridge import OpenAIEngine
 from workers.runner import WorkerProcess
 
 MODEL = "all-minilm-l6-v2"
@@ -98,3 +105,28 @@ async def test_bad_embedding_requests_are_400(
     assert isinstance(body, dict)
     assert body.get("param") == param, body
     assert words in str(body.get("message")), body
+
+
+async def test_openai_bridge_serves_embeddings_through_the_same_path(
+    fabric: Fabric, nats_settings: NatsSettings, unique: str
+) -> None:
+    """An upstream OpenAI server's embeddings (here another Nebula, simulated engine)
+    through the `openai` engine: the same vectors as asking the upstream directly."""
+    upstream_model = f"emb-up-{unique}"
+    upstream = await fabric.gateway()
+    await fabric.worker(upstream_model)
+    engine = OpenAIEngine(
+        OpenAIUpstreamSettings(url=f"{upstream.base_url}/v1", upstream_model=upstream_model),
+        max_concurrency=4,
+    )
+    model = f"emb-bridged-{unique}"
+    await fabric.stack.enter_async_context(
+        WorkerProcess(WorkerSettings(model=model), nats_settings, engine)
+    )
+    gw = await fabric.gateway()
+    direct = await (await fabric.client(upstream)).embeddings.create(
+        model=upstream_model, input=["a", "b"]
+    )
+    bridged = await (await fabric.client(gw)).embeddings.create(model=model, input=["a", "b"])
+    assert [d.embedding for d in bridged.data] == [d.embedding for d in direct.data]
+    assert bridged.model == model

@@ -19,7 +19,11 @@ from nebula.protocol import Endpoint
 from nebula.settings import OpenAIUpstreamSettings
 from workers.engines.base import EngineLoad, Job, Output
 
-_PATHS = {Endpoint.CHAT: "/chat/completions", Endpoint.COMPLETION: "/completions"}
+_PATHS = {
+    Endpoint.CHAT: "/chat/completions",
+    Endpoint.COMPLETION: "/completions",
+    Endpoint.EMBEDDING: "/embeddings",
+}
 
 
 class _Delta(msgspec.Struct):
@@ -140,6 +144,9 @@ class OpenAIEngine:
                     raise EngineError(f"upstream request failed: {e!r}", status=502) from e
                 if r.status_code >= 400:
                     raise EngineError(r.text, status=r.status_code, raw_body=r.content)
+                if job.endpoint is Endpoint.EMBEDDING:  # nothing to count: pass it on
+                    yield Output(chunk=named(r.content))
+                    return
                 probe = msgspec.json.decode(r.content, type=_Probe)
                 yield Output(chunk=named(r.content), usage=probe.usage)
                 return
