@@ -6,9 +6,12 @@ JetStream state starts its own server with :func:`fresh_nats`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,25 @@ async def nc(nats_settings: NatsSettings) -> AsyncIterator[Client]:
 def unique() -> str:
     """A short unique suffix for model names, so tests sharing one server never collide."""
     return uuid.uuid4().hex[:8]
+
+
+async def until(cond: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Wait on an observable condition (sync or async), never on a bare sleep."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ok = cond()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("condition not met in time")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def fresh_nats(tmp: Path, port: int = 0) -> EmbeddedNats:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -24,16 +23,7 @@ from nebula import subjects
 from nebula.client import BatchClient
 from nebula.errors import ModelNotFound
 from nebula.settings import NatsSettings
-from tests.conftest import Fabric, fresh_nats
-
-
-async def until(cond: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
+from tests.conftest import Fabric, free_port, fresh_nats, until
 
 
 def _write_input(path: Path, n: int, *, openai_format: bool = False) -> None:
@@ -139,16 +129,10 @@ async def test_openai_batch_format_round_trip(
     assert bad["body"]["error"]["param"] == "input"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_worker_killed_and_nats_restarted_mid_batch_lose_nothing(
     tmp_path: Path, unique: str, procs: list
 ) -> None:
-    port = _free_port()
+    port = free_port()
     server = await fresh_nats(tmp_path / "nats", port=port)
     try:
         model = f"bchaos-{unique}"

@@ -11,12 +11,11 @@ import logging
 import os
 import resource
 import socket
-import time
 
 import httpx
 import pytest
 
-from tests.conftest import Fabric
+from tests.conftest import Fabric, until
 
 MSG = [{"role": "user", "content": "hello"}]
 
@@ -55,15 +54,6 @@ def _closed_by_server(s: socket.socket) -> bool:
     return data == b"" or data.startswith(b"HTTP/1.1 408")
 
 
-async def until(cond: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
-
-
 async def test_flood_of_idle_and_half_sent_connections(fabric: Fabric) -> None:
     gw = await fabric.gateway(header_timeout=1.0, max_connections=1000)
     assert gw.guard is not None
@@ -77,7 +67,7 @@ async def test_flood_of_idle_and_half_sent_connections(fabric: Fabric) -> None:
             socks += await _open(gw.port, 500, head=b"POST /v1/chat/completions HTTP/1.1\r\nHo")
             assert (await http.get("/ready")).status_code == 200
         # The oldest were evicted to make room; the rest time out within header_timeout.
-        await until(lambda: all(_closed_by_server(s) for s in socks))
+        await until(lambda: all(_closed_by_server(s) for s in socks), 15)
         assert gw.guard.evicted >= 2000 and gw.guard.timed_out >= 1
     finally:
         for s in socks:

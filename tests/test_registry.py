@@ -5,25 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import time
 
 import httpx
 from nats.aio.client import Client
 
 from nebula import natsio, subjects
 from nebula.settings import NatsSettings
-from tests.conftest import Fabric
+from tests.conftest import Fabric, until
 
 MSG = [{"role": "user", "content": "hi"}]
-
-
-async def until(cond: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_malformed_tokens_raise_value_error() -> None:
