@@ -203,6 +203,10 @@ async def test_clients_leaving_at_random_moments_leak_nothing(
     assert all(v == 1 for v in spy.count("end").values())
 
 
+def _tcp_wmem_max() -> int:
+    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+
+
 async def test_slow_reader_holds_back_the_worker_and_is_cut_off(
     fabric: Fabric, unique: str
 ) -> None:
@@ -238,7 +242,7 @@ async def test_slow_reader_holds_back_the_worker_and_is_cut_off(
             await asyncio.sleep(0.3)
         # What was sent sits in the kernel's send buffer (at most tcp_wmem's maximum)
         # and one window in the gateway: nothing in proportion to the ~40 MB answer.
-        wmem_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+        wmem_max = _tcp_wmem_max()
         assert job.sent < wmem_max + 4 * window + 256 * 1024, job.sent
         # One window, overshot by at most one batch of tokens (16 SSE chunks).
         assert job.sent - job.consumed <= window + 16 * 400, (job.sent, job.consumed)
