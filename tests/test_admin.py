@@ -51,7 +51,13 @@ async def test_admin_load_list_unload_round_trip(
     ("body", "param", "words"),
     [
         ({"name": "m", "engine": "tensorflow"}, "engine", "unknown engine"),
-        ({"name": "m", "engine": "vllm"}, "engine", "not available yet"),
+        ({"name": "m", "engine": "hf"}, "engine", "not available yet"),
+        ({"name": "m", "engine": "sim", "engine_args": ["--x"]}, "engine_args", "no engine args"),
+        (
+            {"name": "m", "engine": "sim", "engine_options": {"ttft_ms": "soon"}},
+            "ttft_ms",
+            "must be a number",
+        ),
         ({"name": "m", "engine": "sim", "replicas": 0}, "replicas", "1 or more"),
         ({"name": "m", "engine": "sim", "replicas": -3}, "replicas", "1 or more"),
         ({"name": "m", "engine": "sim", "gpu_memory": 1.5}, "gpu_memory", "between 0 and 1"),
