@@ -3,9 +3,9 @@
     python benchmarks/bench_vllm.py [--keep-model DIR] [--vllm-python PY]
 
 One run: builds a tiny random-weight Llama (2 layers, hidden 128, 2 heads of 64) with a
-tokenizer trained here (no model hub needed), starts vLLM's OpenAI server on it, starts
-nats-server + gateway + an `openai`-engine worker pointed at that server, checks
-correctness with the official `openai` client through the gateway against the same
+tokenizer trained here (tests/tiny_model.py; no model hub needed), starts vLLM's OpenAI
+server on it, starts nats-server + gateway + an `openai`-engine worker pointed at that
+server, checks correctness with the official `openai` client through the gateway against the same
 request sent to vLLM directly (temperature 0, fixed seed), then measures:
 
 * TTFT (first content token; vLLM's role-only first chunk does not count), the time to
@@ -50,74 +50,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVED = "tiny-llama"  # the name vLLM serves
 MODEL = "nebula-tiny"  # the Nebula model name: the worker rewrites it to SERVED upstream
 PROMPT = "benchmark the fabric please"
-
-
-# --- the tiny model (runs in the vLLM interpreter) ---------------------------------
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n"
-    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
-    "{% for part in m['content'] %}{{ part['text'] }}{% endfor %}{% endif %}\n"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-
-def build_model(out: Path) -> None:
-    """A random-weight LlamaForCausalLM and a byte-level BPE tokenizer trained on
-    generated text, saved with ``save_pretrained`` into ``out``."""
-    import random
-
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    words = (
-        "the a fabric queue worker gateway token stream model engine request answer job "
-        "nats jet stream slot busy free latency throughput benchmark please hello world "
-        "user assistant system llama tiny random weights vector matrix cache page block "
-        "say count one two three four five six seven eight nine ten"
-    ).split()
-    corpus = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 24))) for _ in range(4000)]
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(out)
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,  # head_dim 64: vLLM's CPU attention needs >= 32
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    LlamaForCausalLM(config).to(torch.float32).save_pretrained(out)
-    print(f"built tiny llama in {out} (vocab {len(fast)})")
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -541,7 +473,8 @@ def prepare_model(py: str, model_dir: Path) -> None:
         print(f"reusing the model in {model_dir}")
         return
     t0 = time.monotonic()
-    subprocess.run([py, __file__, "--build-model", str(model_dir)], check=True)
+    # The same tiny model the vLLM tests use, built by the vLLM interpreter (it has torch).
+    subprocess.run([py, str(ROOT / "tests" / "tiny_model.py"), str(model_dir)], check=True)
     print(f"model built in {time.monotonic() - t0:.0f}s")
 
 
@@ -811,11 +744,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=12, help="wrk duration per round")
     ap.add_argument("--wrk-rounds", type=int, default=2, help="alternating direct/fabric rounds")
     ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the logs")
-    ap.add_argument("--build-model", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.build_model:
-        build_model(Path(args.build_model))
-        return
     sys.exit(asyncio.run(run(args)))
 
 

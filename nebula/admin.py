@@ -6,6 +6,7 @@ status``) and the gateway's admin API, so both validate and answer alike.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -20,19 +21,9 @@ from nebula import natsio, subjects
 from nebula.errors import Conflict, InvalidRequest, ModelNotFound
 from nebula.protocol import ModelSpec, NodeInfo, Placement, PlacementState
 from nebula.settings import NatsSettings
+from workers.engines.registry import ENGINES, EngineConfig
 
 log = logging.getLogger(__name__)
-
-# Engines that run here today, and those announced but not yet built.
-ENGINES = ("sim", "openai", "hf")
-COMING = {"vllm": "the in-process vLLM engine"}
-
-# engine -> the engine_options keys it understands.
-ENGINE_OPTIONS = {
-    "sim": {"ttft_ms", "itl_ms", "max_tokens"},
-    "openai": {"upstream_url", "upstream_api_key", "upstream_model"},
-    "hf": set(),
-}
 
 
 _S = TypeVar("_S", bound=msgspec.Struct)
@@ -55,7 +46,8 @@ class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model_path: str | None = None
     replicas: int = 1
     gpu_memory: float = 0.0
-    max_concurrency: int = 8
+    # None: the engine's own slot count (vLLM: --max-num-seqs; 8 for the others).
+    max_concurrency: int | None = None
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     engine_args: list[str] = msgspec.field(default_factory=list)
     engine_options: dict[str, str] = msgspec.field(default_factory=dict)
@@ -64,20 +56,29 @@ class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_output_tokens: int = 32768
 
 
+def _engine_config(req: LoadRequest) -> EngineConfig:
+    return EngineConfig(
+        model=req.name,
+        options=req.engine_options,
+        max_concurrency=req.max_concurrency,
+        model_path=req.model_path,
+        engine_args=tuple(req.engine_args),
+        gpu_memory=req.gpu_memory,
+    )
+
+
+def check_engine(req: LoadRequest) -> None:
+    """The engine's own checks (vLLM parses its flags): slow imports, so run in a thread.
+    Skipped where the engine's package is not installed; the worker checks again."""
+    kind = ENGINES.get(req.engine)
+    if kind.check is not None and kind.available():
+        kind.check(_engine_config(req))
+
+
 def validate(req: LoadRequest) -> ModelSpec:
     if not req.name or not req.name.strip():
         raise InvalidRequest("model name must not be empty", param="name")
-    if req.engine in COMING:
-        raise InvalidRequest(
-            f"engine {req.engine!r} ({COMING[req.engine]}) is not available yet; "
-            f"available engines: {', '.join(ENGINES)}",
-            param="engine",
-        )
-    if req.engine not in ENGINES:
-        raise InvalidRequest(
-            f"unknown engine {req.engine!r}; available engines: {', '.join(ENGINES)}",
-            param="engine",
-        )
+    kind = ENGINES.get(req.engine)
     if req.replicas < 1:
         raise InvalidRequest(f"replicas must be 1 or more, got {req.replicas}", param="replicas")
     if not 0.0 <= req.gpu_memory <= 1.0:
@@ -85,36 +86,21 @@ def validate(req: LoadRequest) -> ModelSpec:
             f"gpu_memory is a fraction of one GPU between 0 and 1, got {req.gpu_memory}",
             param="gpu_memory",
         )
-    if req.max_concurrency < 1:
+    if req.max_concurrency is not None and req.max_concurrency < 1:
         raise InvalidRequest("max_concurrency must be 1 or more", param="max_concurrency")
     for name in ("max_queue", "max_queue_bytes", "max_output_tokens"):
         if getattr(req, name) < 1:
             raise InvalidRequest(f"{name} must be 1 or more", param=name)
-    unknown = set(req.engine_options) - ENGINE_OPTIONS[req.engine]
-    if unknown:
-        raise InvalidRequest(
-            f"engine {req.engine!r} does not take option(s) {', '.join(sorted(unknown))}",
-            param="engine_options",
-        )
-    if req.engine == "hf" and not req.model_path:
-        raise InvalidRequest(
-            "the hf engine needs model_path (a local directory)", param="model_path"
-        )
-    if req.engine == "openai" and not req.engine_options.get("upstream_url"):
-        raise InvalidRequest("the openai engine needs upstream_url", param="upstream_url")
-    for key in ("ttft_ms", "itl_ms", "max_tokens"):
-        if key in req.engine_options:
-            try:
-                float(req.engine_options[key])
-            except ValueError:
-                raise InvalidRequest(f"{key} must be a number", param=key) from None
+    # Options, model path and `--` args by the engine kind's own rules; the deep check
+    # (vLLM's own argument parser) runs in ClusterAdmin.load, off the event loop.
+    kind.validate(_engine_config(req), deep=False)
     return ModelSpec(
         name=req.name,
         engine=req.engine,
         model_path=req.model_path,
         replicas=req.replicas,
         gpu_memory=req.gpu_memory,
-        max_concurrency=req.max_concurrency,
+        max_concurrency=req.max_concurrency or 0,  # 0: the engine's own
         labels=dict(req.labels),
         engine_args=list(req.engine_args),
         engine_options=dict(req.engine_options),
@@ -221,6 +207,7 @@ class ClusterAdmin:
 
     async def load(self, req: LoadRequest) -> ModelSpec:
         spec = validate(req)
+        await asyncio.to_thread(check_engine, req)
         try:
             await self.models_kv.create(subjects.model_key(spec.name), msgspec.json.encode(spec))
         except KeyWrongLastSequenceError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -28,6 +29,7 @@ from nebula.settings import (
     WorkerSettings,
     default_data_dir,
 )
+from workers.engines.registry import ENGINES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -97,40 +99,16 @@ def gateway(nats_url: str, **kw: Any) -> None:
 
 
 def engine_options(f: F) -> F:
-    """Engine flags shared by `nebula worker` and `nebula model load`."""
-    opts = [
-        click.option("--ttft-ms", type=float, default=None, help="sim: time to first token."),
-        click.option("--itl-ms", type=float, default=None, help="sim: inter-token latency."),
-        click.option(
-            "--max-tokens",
-            type=int,
-            default=None,
-            help="sim: tokens when a request sets no limit (default 16).",
-        ),
-        click.option(
-            "--upstream-url", default=None, help="openai: base URL such as http://127.0.0.1:8001/v1"
-        ),
-        click.option("--upstream-api-key", default=None, envvar="NEBULA_UPSTREAM_API_KEY"),
-        click.option(
-            "--upstream-model",
-            default=None,
-            help="openai: model name upstream (default: the Nebula model name).",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
+    """Every engine kind's flags (from the engine registry), for `worker` and `model load`."""
+    for opt in reversed(ENGINES.options()):
+        f = click.option(opt.flag, type=opt.type, default=None, help=opt.help, envvar=opt.env)(f)
     return f
-
-
-_ENGINE_OPTION_KEYS = (
-    "ttft_ms", "itl_ms", "max_tokens", "upstream_url", "upstream_api_key", "upstream_model",
-)  # fmt: skip
 
 
 def _engine_options(kw: dict[str, Any]) -> dict[str, str]:
     """The engine flags that were given, as the string options engines and specs carry."""
     out = {}
-    for key in _ENGINE_OPTION_KEYS:
+    for key in (o.name for o in ENGINES.options()):
         value = kw.pop(key, None)
         if value is not None:
             out[key] = f"{value:g}" if isinstance(value, float) else str(value)
@@ -140,28 +118,39 @@ def _engine_options(kw: dict[str, Any]) -> dict[str, str]:
 @main.command()
 @nats_url_option
 @click.option("--model", required=True, help="Model name clients ask for.")
-@click.option(
-    "--engine", type=click.Choice(["sim", "openai", "hf"]), default="sim", show_default=True
-)
-@click.option("--model-path", default=None, help="hf: local model directory.")
+@click.option("--engine", type=click.Choice(ENGINES.names), default="sim", show_default=True)
+@click.option("--model-path", default=None, help="Weights directory or hub id for the engine.")
+@click.option("--gpu-memory", default=0.0, type=float, help="Fraction of one GPU (0: CPU).")
 @options_from(WorkerSettings)
 @engine_options
 @click.option("--worker-id", default=None, hidden=True)
 @click.option("--node-id", default="", hidden=True)
+@click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
 def worker(nats_url: str, **kw: Any) -> None:
-    """Run one engine worker for one model."""
+    """Run one engine worker for one model (`-- args` go to the engine: vLLM's flags)."""
     from nebula.procs import run_until_signal
     from workers.runner import WorkerProcess, build_engine
 
     options = _engine_options(kw)
-    if kw.get("model_path"):
-        options["model_path"] = kw["model_path"]
-    settings = WorkerSettings.from_env(
-        model=kw["model"], worker_id=kw["worker_id"], **take(WorkerSettings, kw)
-    )
+    wkw = take(WorkerSettings, kw)
+    if wkw.get("max_concurrency") is None and "NEBULA_MAX_CONCURRENCY" not in os.environ:
+        wkw["max_concurrency"] = 0  # not given: the engine's own slots (vLLM's --max-num-seqs)
+    settings = WorkerSettings.from_env(model=kw["model"], worker_id=kw["worker_id"], **wkw)
+    try:  # bad engine flags fail here, at once, before anything loads
+        engine = build_engine(
+            kw["engine"],
+            options,
+            model=kw["model"],
+            max_concurrency=settings.max_concurrency or None,
+            model_path=kw["model_path"],
+            engine_args=tuple(kw["engine_args"]),
+            gpu_memory=kw["gpu_memory"],
+        )
+    except NebulaError as e:
+        click.echo(f"error: {e.message}", err=True)
+        sys.exit(1)
 
     async def serve(stop: asyncio.Event) -> None:
-        engine = build_engine(kw["engine"], options, max_concurrency=settings.max_concurrency)
         async with WorkerProcess(settings, _nats(nats_url), engine, node_id=kw["node_id"]) as wp:
             assert wp.worker is not None
             click.echo(
@@ -284,7 +273,7 @@ def model() -> None:
 @model.command("load")
 @click.argument("name")
 @nats_url_option
-@click.option("--engine", required=True, help="sim | openai (vllm and hf arrive later).")
+@click.option("--engine", required=True, help=f"{' | '.join(ENGINES.names)}.")
 @click.option("--model-path", default=None, help="Weights directory or hub id for the engine.")
 @click.option("--replicas", default=1, show_default=True, type=int)
 @click.option(
@@ -296,10 +285,10 @@ def model() -> None:
 )
 @click.option(
     "--max-concurrency",
-    default=8,
-    show_default=True,
+    default=None,
     type=int,
-    help="Jobs each replica runs at once.",
+    help="Jobs each replica runs at once [default: the engine's slots: vLLM's --max-num-seqs, "
+    "else 8].",
 )
 @click.option(
     "--label",

@@ -49,8 +49,23 @@ async def spawn(
             out.close()
 
 
+def kill_group(pid: int) -> None:
+    """SIGKILL what is left of the process group a child led (``spawn`` gives each child
+    its own session): processes it started, such as vLLM's engine core, die with it.
+    Call it once the child has exited; a group that is already empty is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def wait_group(proc: asyncio.subprocess.Process) -> int:
+    """Wait for a child to exit, then clear its process group."""
+    code = await proc.wait()
+    kill_group(proc.pid)
+    return code
+
+
 async def stop(proc: asyncio.subprocess.Process, timeout: float = 15.0) -> int:
-    """SIGTERM, wait (the child drains), then SIGKILL."""
+    """SIGTERM, wait (the child drains), then SIGKILL; then its process group."""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
@@ -60,6 +75,7 @@ async def stop(proc: asyncio.subprocess.Process, timeout: float = 15.0) -> int:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
+    kill_group(proc.pid)
     return proc.returncode or 0
 
 

@@ -42,6 +42,10 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     # False while the engine fails its periodic health check (the worker pulls nothing).
     healthy: bool = True
     reason: str = ""
+    # The engine's own view (Engine.load()): requests it runs and queues, KV cache in use.
+    engine_running: int = 0
+    engine_waiting: int = 0
+    kv_cache_usage: float = 0.0
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -51,7 +51,13 @@ async def test_admin_load_list_unload_round_trip(
     ("body", "param", "words"),
     [
         ({"name": "m", "engine": "tensorflow"}, "engine", "unknown engine"),
-        ({"name": "m", "engine": "vllm"}, "engine", "not available yet"),
+        ({"name": "m", "engine": "hf"}, "model_path", "needs a model path"),
+        ({"name": "m", "engine": "sim", "engine_args": ["--x"]}, "engine_args", "no engine args"),
+        (
+            {"name": "m", "engine": "sim", "engine_options": {"ttft_ms": "soon"}},
+            "ttft_ms",
+            "must be a number",
+        ),
         ({"name": "m", "engine": "sim", "replicas": 0}, "replicas", "1 or more"),
         ({"name": "m", "engine": "sim", "replicas": -3}, "replicas", "1 or more"),
         ({"name": "m", "engine": "sim", "gpu_memory": 1.5}, "gpu_memory", "between 0 and 1"),
@@ -140,8 +146,7 @@ async def test_cli_model_lifecycle(nats_settings: NatsSettings, unique: str) -> 
         (["--engine", "sim", "--replicas", "0"], "replicas must be 1 or more"),
         (["--engine", "sim", "--gpu-memory", "1.5"], "between 0 and 1"),
         (["--engine", "nope"], "unknown engine"),
-        (["--engine", "hf"], "needs model_path"),
-        (["--engine", "vllm"], "not available yet"),
+        (["--engine", "hf"], "needs a model path"),
         (["--engine", "sim", "--label", "novalue"], "not key=value"),
     ],
 )

@@ -415,15 +415,15 @@ async def _absent(cluster: Cluster, model: str) -> bool:
 async def test_unsupported_engine_fails_at_once(cluster: Cluster, unique: str) -> None:
     await cluster.scheduler()
     agent = await cluster.agent("node-u")
-    model = f"vllm-{unique}"
-    await cluster.load(model, engine="vllm")
+    model = f"tf-{unique}"
+    await cluster.load(model, engine="tensorflow")
 
     async def failed() -> Placement | None:
         p = await cluster.placement(model, 0)
         return p if p is not None and p.state is PlacementState.FAILED else None
 
     p = await wait_until(failed, 10, "the placement to fail")
-    assert "engine 'vllm' is not supported" in p.reason
+    assert "engine 'tensorflow' is not supported" in p.reason
     assert agent.stats.spawns == 0
 
 

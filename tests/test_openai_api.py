@@ -18,6 +18,9 @@ async def test_chat_non_streaming(fabric: Fabric, unique: str) -> None:
     assert r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert len(r.choices[0].message.content.split()) == 12  # type: ignore[union-attr]
+    # The official schema: `refusal` is present, null.
+    assert "refusal" in r.choices[0].message.model_fields_set
+    assert r.choices[0].message.refusal is None
     assert r.choices[0].finish_reason == "stop"
     assert r.usage is not None
     assert r.usage.completion_tokens == 12

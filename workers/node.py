@@ -51,22 +51,13 @@ from nebula.protocol import GpuInfo, ModelSpec, NodeInfo, Placement, PlacementSt
 from nebula.service import Service
 from nebula.settings import NatsSettings, NodeSettings, default_data_dir
 from workers import gpu
-from workers.engines import ENGINE_KINDS
+from workers.engines import ENGINES
 
 log = logging.getLogger(__name__)
 
 # JetStream error codes for a failed expected-last-sequence check.
 _WRONG_LAST = (10071, 10164)
 _RUNNING = (PlacementState.STARTING, PlacementState.READY)
-# ModelSpec.engine_options -> `nebula worker` flags (the API key travels in the environment).
-_OPTION_FLAGS = {
-    "ttft_ms": "--ttft-ms",
-    "itl_ms": "--itl-ms",
-    "max_tokens": "--max-tokens",
-    "upstream_url": "--upstream-url",
-    "upstream_model": "--upstream-model",
-}
-_SECRET_OPTIONS = {"upstream_api_key": "NEBULA_UPSTREAM_API_KEY"}
 _TAIL_LINES = 12
 _TAIL_CHARS = 2000
 
@@ -94,7 +85,8 @@ class WorkerHandle:
     exited: asyncio.Task[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.exited = asyncio.ensure_future(self.process.wait())
+        # The worker's whole process group goes with it (vLLM's engine-core children).
+        self.exited = asyncio.ensure_future(procs.wait_group(self.process))
 
     @property
     def pid(self) -> int:
@@ -327,10 +319,12 @@ class _Replica:
             # Model unloaded (the scheduler will say Unloading) or NATS down: look again.
             await _first(self.changed.wait(), timeout=1.0)
             return False
-        if spec.engine not in ENGINE_KINDS:
+        kinds = [k for k in ENGINES if k.available()]  # vllm only where it is installed
+        kind = next((k for k in kinds if k.name == spec.engine), None)
+        if kind is None:
             self.failed_reason = (
                 f"engine {spec.engine!r} is not supported by node agent {agent.node_id} "
-                f"(available: {', '.join(ENGINE_KINDS)})"
+                f"(available: {', '.join(k.name for k in kinds)})"
             )
             return False
         worker_id = (
@@ -343,30 +337,28 @@ class _Replica:
             "worker",
             f"--model={self.model}",
             f"--engine={spec.engine}",
-            f"--max-concurrency={spec.max_concurrency}",
             f"--worker-id={worker_id}",
             f"--node-id={agent.node_id}",
             f"--nats-url={agent.nats_settings.url}",
         )
+        if spec.max_concurrency > 0:  # 0: the engine's own slot count
+            argv.append(f"--max-concurrency={spec.max_concurrency}")
         if spec.model_path:
             argv.append(f"--model-path={spec.model_path}")
+        if spec.gpu_memory > 0:
+            argv.append(f"--gpu-memory={p.memory_fraction or spec.gpu_memory:g}")
         # The spec's limits reach the worker as its settings' environment variables.
         env = {"PYTHONUNBUFFERED": "1", "NEBULA_MAX_OUTPUT_TOKENS": str(spec.max_output_tokens)}
         for name, value in sorted(spec.engine_options.items()):
-            if name in _OPTION_FLAGS:
-                if value != "":
-                    argv.append(f"{_OPTION_FLAGS[name]}={value}")
-            elif name in _SECRET_OPTIONS:
-                env[_SECRET_OPTIONS[name]] = value
-            else:
+            opt = kind.option(name)
+            if opt is None:
                 log.warning("node %s: ignoring unknown engine option %r", agent.node_id, name)
+            elif opt.env:
+                env[opt.env] = value
+            elif value != "":
+                argv.append(f"{opt.flag}={value}")
         if spec.engine_args:
-            log.warning(
-                "node %s: the %s engine takes no engine args; ignoring %s",
-                agent.node_id,
-                spec.engine,
-                spec.engine_args,
-            )
+            argv += ["--", *spec.engine_args]
         if p.gpu_ids:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in p.gpu_ids)
             env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # the same indexes NVML reported

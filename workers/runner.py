@@ -2,49 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from nebula import natsio
-from nebula.errors import InvalidRequest
 from nebula.service import Service
-from nebula.settings import NatsSettings, OpenAIUpstreamSettings, SimSettings, WorkerSettings
-from workers.engines import ENGINE_KINDS, Engine
-from workers.engines.openai_bridge import OpenAIEngine
-from workers.engines.sim import SimEngine
+from nebula.settings import NatsSettings, WorkerSettings
+from workers.engines import ENGINES, Engine, EngineConfig
 from workers.worker import Worker
 
 
-def build_engine(kind: str, options: dict[str, str], *, max_concurrency: int) -> Engine:
+def build_engine(
+    kind: str,
+    options: dict[str, str],
+    *,
+    model: str = "",
+    max_concurrency: int | None = None,
+    model_path: str | None = None,
+    engine_args: tuple[str, ...] = (),
+    gpu_memory: float = 0.0,
+) -> Engine:
     """Engine options are strings (they come from flags and from KV model specs)."""
-    if kind == "sim":
-        return SimEngine(
-            SimSettings(
-                ttft_ms=float(options.get("ttft_ms", 0)),
-                itl_ms=float(options.get("itl_ms", 0)),
-                max_tokens=int(options.get("max_tokens", 16)),
-                max_concurrency=max_concurrency,
-            )
-        )
-    if kind == "openai":
-        url = options.get("upstream_url")
-        if not url:
-            raise InvalidRequest("the openai engine needs --upstream-url", param="upstream_url")
-        return OpenAIEngine(
-            OpenAIUpstreamSettings(
-                url=url,
-                api_key=options.get("upstream_api_key") or None,
-                upstream_model=options.get("upstream_model") or None,
-            ),
-            max_concurrency=max_concurrency,
-        )
-    if kind == "hf":
-        from workers.engines.hf import HFEngine, HFSettings
-
-        path = options.get("model_path")
-        if not path:
-            raise InvalidRequest("the hf engine needs --model-path", param="model_path")
-        return HFEngine(HFSettings(model_path=path, max_concurrency=max_concurrency))
-    raise InvalidRequest(
-        f"unknown engine {kind!r}; available here: {', '.join(ENGINE_KINDS)}", param="engine"
+    cfg = EngineConfig(
+        model=model,
+        options=options,
+        max_concurrency=max_concurrency,
+        model_path=model_path,
+        engine_args=engine_args,
+        gpu_memory=gpu_memory,
     )
+    return ENGINES.build(kind, cfg)
 
 
 class WorkerProcess(Service):
@@ -67,6 +53,10 @@ class WorkerProcess(Service):
 
     async def start(self) -> None:
         await self.engine.start()
+        if self.settings.max_concurrency <= 0:
+            # Slots follow the engine (vLLM: its --max-num-seqs).
+            slots = self.engine.load().capacity or 8
+            self.settings = dataclasses.replace(self.settings, max_concurrency=slots)
         nc = await natsio.connect(
             self.nats_settings, name=f"nebula-worker-{self.settings.model}", on_reconnect=self.hooks
         )

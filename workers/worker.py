@@ -787,6 +787,7 @@ class Worker(Service):
                 await self._heartbeat_once()
 
     def info(self) -> WorkerInfo:
+        load = self.engine.load()
         return WorkerInfo(
             worker_id=self.worker_id,
             model=self.model,
@@ -800,6 +801,9 @@ class Worker(Service):
             draining=self.state is WorkerState.DRAINING,
             healthy=self.healthy,
             reason=self.health_reason,
+            engine_running=load.running,
+            engine_waiting=load.waiting,
+            kv_cache_usage=load.kv_cache_usage,
         )
 
     async def _heartbeat_once(self) -> None:

@@ -1,9 +1,10 @@
-"""Engine kinds. ``vllm`` and ``hf`` arrive with their own issues."""
+"""Engine kinds: the registry in :mod:`workers.engines.registry` lists them."""
 
 from __future__ import annotations
 
 from workers.engines.base import Engine, EngineLoad, Job, Output
+from workers.engines.registry import ENGINES, EngineConfig
 
-ENGINE_KINDS = ("sim", "openai", "hf")
+ENGINE_KINDS = ENGINES.names
 
-__all__ = ["ENGINE_KINDS", "Engine", "EngineLoad", "Job", "Output"]
+__all__ = ["ENGINES", "ENGINE_KINDS", "Engine", "EngineConfig", "EngineLoad", "Job", "Output"]

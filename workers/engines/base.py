@@ -40,6 +40,7 @@ class EngineLoad:
     running: int
     waiting: int = 0
     capacity: int = 0
+    kv_cache_usage: float = 0.0  # fraction of the engine's KV cache in use (0 if it has none)
 
 
 class Engine(Protocol):

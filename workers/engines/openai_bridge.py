@@ -37,7 +37,7 @@ class _Choice(msgspec.Struct):
     text: str | None = None
 
 
-class _Probe(msgspec.Struct):
+class ChunkProbe(msgspec.Struct):
     """Just enough of an upstream chunk to count tokens and find usage and errors."""
 
     choices: list[_Choice] = msgspec.field(default_factory=list)
@@ -54,7 +54,7 @@ class _Probe(msgspec.Struct):
         return 0
 
 
-def _lines(buf: bytes) -> tuple[list[bytes], bytes]:
+def split_lines(buf: bytes) -> tuple[list[bytes], bytes]:
     *complete, rest = buf.split(b"\n")
     return complete, rest
 
@@ -147,7 +147,7 @@ class OpenAIEngine:
                 if job.endpoint is Endpoint.EMBEDDING:  # nothing to count: pass it on
                     yield Output(chunk=named(r.content))
                     return
-                probe = msgspec.json.decode(r.content, type=_Probe)
+                probe = msgspec.json.decode(r.content, type=ChunkProbe)
                 yield Output(chunk=named(r.content), usage=probe.usage)
                 return
             try:
@@ -159,7 +159,7 @@ class OpenAIEngine:
                         )
                     rest = b""
                     async for data in r.aiter_bytes():
-                        lines, rest = _lines(rest + data)
+                        lines, rest = split_lines(rest + data)
                         for line in lines:
                             if not line.startswith(b"data:"):
                                 continue
@@ -168,7 +168,7 @@ class OpenAIEngine:
                                 # Read on to the end of the body: a response left
                                 # unfinished costs its keep-alive connection.
                                 continue
-                            probe = msgspec.json.decode(chunk, type=_Probe)
+                            probe = msgspec.json.decode(chunk, type=ChunkProbe)
                             if probe.error is not None:
                                 raise EngineError("upstream error", status=502, raw_body=chunk)
                             if probe.usage is not None and not probe.choices:

