@@ -292,13 +292,45 @@ async def _stream(c: openai.AsyncOpenAI, **kw: Any) -> list[dict[str, Any]]:
     return [_plain(chunk) async for chunk in stream]
 
 
+def _merged(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stream with its token deltas joined. Where chunks fall is not part of the answer:
+    vLLM's output collector merges the deltas of a request whose reader fell behind (its
+    own server does so under load), so two equal answers may be cut differently."""
+    text: dict[int, str] = {}
+    rest = []
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            delta = choice.get("delta") or {}
+            key = "content" if "delta" in choice else "text"
+            part = (delta if "delta" in choice else choice).get(key) or ""
+            text[choice["index"]] = text.get(choice["index"], "") + part
+        stripped = {**chunk, "choices": [_no_text(c) for c in chunk["choices"]]}
+        if stripped["choices"] or stripped.get("usage"):
+            rest.append(stripped)
+    # Chunks left with no text, no role and no finish reason carried text only.
+    meta = [c for c in rest if c.get("usage") or any(len(x) > 1 for x in c["choices"])]
+    return {"text": text, "meta": meta}
+
+
+def _no_text(choice: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in choice.items() if v is not None and k not in ("text", "index")}
+    if "delta" in choice:
+        delta = {k: v for k, v in (choice["delta"] or {}).items() if v and k != "content"}
+        out["delta"] = delta
+        if not delta:
+            del out["delta"]
+    out["index"] = choice["index"]
+    return out
+
+
 async def test_chat_stream_equals_vllm(deployment: Deployment) -> None:
     for opts in ({"include_usage": True}, None):
         kw: dict[str, Any] = {"messages": MSG, "max_tokens": 20}
         if opts:
             kw["stream_options"] = opts
         direct, nebula = await _both(deployment, lambda c, kw=kw: _stream(c, **kw))
-        assert len(nebula) > 3 and nebula == direct
+        assert len(nebula) > 3 and _merged(nebula) == _merged(direct)
+        assert nebula[0] == direct[0]  # the role chunk
         if opts:
             assert nebula[-1]["usage"]["completion_tokens"] == 20
 
@@ -315,7 +347,7 @@ async def test_completions_equal_vllm(deployment: Deployment) -> None:
 
     kw = {"prompt": "the fabric queue", "max_tokens": 16, "stream_options": {"include_usage": True}}
     direct_chunks, nebula_chunks = await _both(deployment, lambda c: _stream(c, **kw))
-    assert len(nebula_chunks) > 3 and nebula_chunks == direct_chunks
+    assert len(nebula_chunks) > 3 and _merged(nebula_chunks) == _merged(direct_chunks)
 
 
 async def test_prompt_over_context_is_vllms_400(deployment: Deployment) -> None:
