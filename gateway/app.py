@@ -34,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.registry import ModelRegistry
 from nebula import natsio
-from nebula.admin import ClusterAdmin, LoadRequest
+from nebula.admin import AdapterRequest, ClusterAdmin, LoadRequest
 from nebula.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -45,6 +45,7 @@ from nebula.errors import (
 )
 from nebula.openai_types import (
     MAX_EMBEDDING_INPUTS,
+    AdapterModel,
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -186,7 +187,7 @@ def create_app(gw: Gateway) -> FastAPI:
         problem = req.problem()
         if problem is not None:
             raise InvalidRequest(problem[1], param=problem[0])
-        spec = gw.models.spec(req.model)
+        spec = gw.models.spec(gw.models.base(req.model))
         limit = req.limit()
         if spec is not None and limit is not None and limit > spec.max_output_tokens:
             raise InvalidRequest(
@@ -199,12 +200,12 @@ def create_app(gw: Gateway) -> FastAPI:
     async def dispatch(
         request: Request, model: str, endpoint: Endpoint, body: bytes, *, stream: bool
     ) -> Response:
-        gw.models.resolve(model)
+        route = gw.models.resolve(model)  # an adapter queues with its base model
         if gw.draining:
             raise Unavailable(
                 "the gateway is shutting down; retry", retry_after=gw.settings.retry_after
             )
-        call = await gw.dispatcher.submit(model, endpoint, body)
+        call = await gw.dispatcher.submit(route, endpoint, body)
         try:
             if stream:
                 return await _stream(call, request)
@@ -277,10 +278,23 @@ def create_app(gw: Gateway) -> FastAPI:
         return await submit(request, Endpoint.COMPLETION)
 
     async def list_models(request: Request) -> Response:
-        data = [
-            Model(id=name, created=int(info.started_at), owned_by=info.owned_by)
-            for name, info in sorted(gw.models.ready_models().items())
-        ]
+        data: list[Model] = []
+        for name, info in sorted(gw.models.ready_models().items()):
+            data.append(Model(id=name, created=int(info.started_at), owned_by=info.owned_by))
+            spec = gw.models.spec(name)
+            # An adapter is listed once a ready replica has it (replicas load it on demand).
+            if spec is None:
+                continue
+            for adapter in sorted(gw.models.served_adapters(name) & spec.adapters.keys()):
+                data.append(
+                    AdapterModel(
+                        id=adapter,
+                        created=int(info.started_at),
+                        owned_by=info.owned_by,
+                        root=spec.adapters[adapter],
+                        parent=name,
+                    )
+                )
         return Response(msgspec.json.encode(ModelList(data=data)), media_type="application/json")
 
     async def health(request: Request) -> Response:
@@ -325,9 +339,25 @@ def create_app(gw: Gateway) -> FastAPI:
                 return as_json(status)
         raise ModelNotFound(f"model `{name}` is not loaded", param="name")
 
+    async def admin_adapter_add(request: Request) -> Response:
+        body = await _read_body(request, gw.body_limit, gw.settings.body_timeout)
+        req = decode(body, AdapterRequest)
+        spec = await admin().add_adapter(request.path_params["name"], req.name, req.path)
+        return as_json(spec, 201)
+
+    async def admin_adapter_remove(request: Request) -> Response:
+        name, adapter = request.path_params["name"], request.path_params["adapter"]
+        await admin().remove_adapter(name, adapter)
+        return as_json({"id": adapter, "object": "model", "deleted": True})
+
     async def admin_nodes(request: Request) -> Response:
         return as_json({"object": "list", "data": await admin().nodes()})
 
+    # Before the {name:path} routes, which would take these paths as model names.
+    app.add_route("/v1/admin/models/{name}/adapters", admin_adapter_add, methods=["POST"])
+    app.add_route(
+        "/v1/admin/models/{name}/adapters/{adapter}", admin_adapter_remove, methods=["DELETE"]
+    )
     app.add_route("/v1/admin/models", admin_load, methods=["POST"])
     app.add_route("/v1/admin/models", admin_models, methods=["GET"])
     app.add_route("/v1/admin/models/{name:path}", admin_unload, methods=["DELETE"])

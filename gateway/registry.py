@@ -39,6 +39,7 @@ class ModelRegistry:
     def __init__(self) -> None:
         self._workers: dict[str, dict[str, _Seen]] = {}
         self._desired: dict[str, ModelSpec] = {}
+        self._adapters: dict[str, str] = {}  # LoRA adapter name -> its base model
         self._tasks: list[asyncio.Task[None]] = []
         self._synced: list[asyncio.Event] = []
         self._bad_keys: set[str] = set()
@@ -52,15 +53,19 @@ class ModelRegistry:
             return []
         return [s.info for s in seen.values() if s.info.ready and now - s.at < WORKER_LIVE_WINDOW]
 
-    def resolve(self, model: str) -> None:
-        """Raise 404 unless the model is desired or a worker announced it.
+    def resolve(self, model: str) -> str:
+        """The model whose queue serves ``model`` (itself, or an adapter's base model);
+        404 unless the model is desired, an adapter of one, or a worker announced it.
 
         A worker that crashed leaves its heartbeat behind: its model stays known
         (requests get 503 "no ready replica", not 404) until a clean stop or
         :data:`FORGET_AFTER`.
         """
         if model in self._desired or self._workers.get(model):
-            return
+            return model
+        base = self._adapters.get(model)
+        if base is not None:
+            return base
         raise ModelNotFound(f"The model `{model}` does not exist or is not loaded.", param="model")
 
     def ready_models(self) -> dict[str, WorkerInfo]:
@@ -74,6 +79,14 @@ class ModelRegistry:
             if live:
                 out[model] = live[0]
         return out
+
+    def base(self, model: str) -> str:
+        """An adapter's base model; any other name as it is."""
+        return self._adapters.get(model, model)
+
+    def served_adapters(self, model: str) -> set[str]:
+        """Adapters that some live, ready replica of ``model`` has loaded."""
+        return {a for info in self.live_workers(model) for a in info.adapters}
 
     def spec(self, model: str) -> ModelSpec | None:
         return self._desired.get(model)
@@ -155,7 +168,13 @@ class ModelRegistry:
 
     def _on_model(self, entry: KeyValue.Entry) -> None:
         name = subjects.model_from_token(entry.key)
+        old = self._desired.pop(name, None)
+        if old is not None:
+            for adapter in old.adapters:
+                self._adapters.pop(adapter, None)
         if entry.operation in ("DEL", "PURGE") or not entry.value:
-            self._desired.pop(name, None)
             return
-        self._desired[name] = msgspec.json.decode(entry.value, type=ModelSpec)
+        spec = msgspec.json.decode(entry.value, type=ModelSpec)
+        self._desired[name] = spec
+        for adapter in spec.adapters:
+            self._adapters[adapter] = name

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TypeVar
 
 import msgspec
@@ -54,6 +55,26 @@ class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queue: int = 256
     max_queue_bytes: int = 16 * 1024 * 1024
     max_output_tokens: int = 32768
+    # LoRA adapters, name -> path on the nodes: each is served as its own model name.
+    adapters: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class AdapterRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/admin/models/{model}/adapters``."""
+
+    name: str
+    path: str
+
+
+def _check_adapter(model: str, name: str, path: str) -> None:
+    if not name or not name.strip() or name != name.strip():
+        raise InvalidRequest("an adapter name must not be empty or padded", param="adapters")
+    if name == model:
+        raise InvalidRequest(
+            f"adapter `{name}` has the name of its base model; pick another", param="adapters"
+        )
+    if not path:
+        raise InvalidRequest(f"adapter `{name}` needs a path", param="adapters")
 
 
 def _engine_config(req: LoadRequest) -> EngineConfig:
@@ -64,6 +85,7 @@ def _engine_config(req: LoadRequest) -> EngineConfig:
         model_path=req.model_path,
         engine_args=tuple(req.engine_args),
         gpu_memory=req.gpu_memory,
+        adapters=dict(req.adapters),
     )
 
 
@@ -94,6 +116,13 @@ def validate(req: LoadRequest) -> ModelSpec:
     # Options, model path and `--` args by the engine kind's own rules; the deep check
     # (vLLM's own argument parser) runs in ClusterAdmin.load, off the event loop.
     kind.validate(_engine_config(req), deep=False)
+    for name, path in req.adapters.items():
+        _check_adapter(req.name, name, path)
+    engine_args = list(req.engine_args)
+    if req.adapters and kind.lora_flag and kind.lora_flag not in engine_args:
+        # Stored in the spec: a replica restarted after every adapter was removed can
+        # still take new ones at run time.
+        engine_args.append(kind.lora_flag)
     return ModelSpec(
         name=req.name,
         engine=req.engine,
@@ -102,12 +131,13 @@ def validate(req: LoadRequest) -> ModelSpec:
         gpu_memory=req.gpu_memory,
         max_concurrency=req.max_concurrency or 0,  # 0: the engine's own
         labels=dict(req.labels),
-        engine_args=list(req.engine_args),
+        engine_args=engine_args,
         engine_options=dict(req.engine_options),
         created_at=time.time(),
         max_queue=req.max_queue,
         max_queue_bytes=req.max_queue_bytes,
         max_output_tokens=req.max_output_tokens,
+        adapters=dict(req.adapters),
     )
 
 
@@ -158,6 +188,7 @@ def summarize(
         state = "Degraded"
     else:
         state = "Starting"
+        reason = next((p.reason for p in by_state[PlacementState.STARTING] if p.reason), "")
     nodes = sorted({p.node_id for p in placements if p.node_id})
     return ModelStatus(
         name=spec.name,
@@ -207,6 +238,7 @@ class ClusterAdmin:
 
     async def load(self, req: LoadRequest) -> ModelSpec:
         spec = validate(req)
+        await self._check_names(spec.name, [spec.name, *spec.adapters])
         await asyncio.to_thread(check_engine, req)
         try:
             await self.models_kv.create(subjects.model_key(spec.name), msgspec.json.encode(spec))
@@ -229,6 +261,68 @@ class ClusterAdmin:
         if entry.value is None:
             raise ModelNotFound(f"model `{name}` is not loaded", param="name")
         await self.models_kv.delete(key)
+
+    async def _check_names(self, owner: str, names: list[str]) -> None:
+        """Model and adapter names are one namespace: /v1/models lists both."""
+        for spec in (await self._specs()).values():
+            for name in names:
+                if spec.name != owner and (name == spec.name or name in spec.adapters):
+                    raise Conflict(
+                        f"`{name}` is already served (by model `{spec.name}`)", param="name"
+                    )
+
+    async def add_adapter(self, model: str, name: str, path: str) -> ModelSpec:
+        """Serve LoRA adapter ``name`` on every replica of ``model`` (they load it now)."""
+        _check_adapter(model, name, path)
+        await self._check_names(model, [name])
+
+        def change(spec: ModelSpec) -> ModelSpec:
+            kind = ENGINES.get(spec.engine)
+            if kind.lora_flag is None:
+                raise InvalidRequest(
+                    f"model `{model}` runs the {spec.engine} engine, which serves no adapters",
+                    param="model",
+                )
+            if kind.lora_flag not in spec.engine_args:
+                raise InvalidRequest(
+                    f"model `{model}` was loaded without LoRA; load it with --lora NAME=PATH "
+                    f"or `-- {kind.lora_flag}` to add adapters at run time",
+                    param="model",
+                )
+            if name in spec.adapters:
+                raise Conflict(f"model `{model}` already has adapter `{name}`", param="name")
+            return msgspec.structs.replace(spec, adapters={**spec.adapters, name: path})
+
+        return await self._update(model, change)
+
+    async def remove_adapter(self, model: str, name: str) -> ModelSpec:
+        def change(spec: ModelSpec) -> ModelSpec:
+            if name not in spec.adapters:
+                raise ModelNotFound(f"model `{model}` has no adapter `{name}`", param="name")
+            return msgspec.structs.replace(
+                spec, adapters={k: v for k, v in spec.adapters.items() if k != name}
+            )
+
+        return await self._update(model, change)
+
+    async def _update(self, model: str, change: Callable[[ModelSpec], ModelSpec]) -> ModelSpec:
+        """Read-modify-write of a model spec, retried when another writer got there first."""
+        key = subjects.model_key(model)
+        for _ in range(20):
+            try:
+                entry = await self.models_kv.get(key)
+            except (KeyNotFoundError, NotFoundError):
+                entry = None
+            spec = _decode(entry, ModelSpec) if entry is not None and entry.value else None
+            if entry is None or spec is None:
+                raise ModelNotFound(f"model `{model}` is not loaded", param="model")
+            new = change(spec)
+            try:
+                await self.models_kv.update(key, msgspec.json.encode(new), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            return new
+        raise Conflict(f"model `{model}` kept changing; try again", param="model")
 
     async def _specs(self) -> dict[str, ModelSpec]:
         out = {}

@@ -121,6 +121,13 @@ def _engine_options(kw: dict[str, Any]) -> dict[str, str]:
 @click.option("--engine", type=click.Choice(ENGINES.names), default="sim", show_default=True)
 @click.option("--model-path", default=None, help="Weights directory or hub id for the engine.")
 @click.option("--gpu-memory", default=0.0, type=float, help="Fraction of one GPU (0: CPU).")
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="LoRA adapter served as model NAME (repeatable; engines that take adapters: vllm).",
+)
 @options_from(WorkerSettings)
 @engine_options
 @click.option("--worker-id", default=None, hidden=True)
@@ -145,12 +152,16 @@ def worker(nats_url: str, **kw: Any) -> None:
             model_path=kw["model_path"],
             engine_args=tuple(kw["engine_args"]),
             gpu_memory=kw["gpu_memory"],
+            adapters=_adapters(kw["loras"]),
         )
     except NebulaError as e:
         click.echo(f"error: {e.message}", err=True)
         sys.exit(1)
 
+    broken = ""
+
     async def serve(stop: asyncio.Event) -> None:
+        nonlocal broken
         async with WorkerProcess(settings, _nats(nats_url), engine, node_id=kw["node_id"]) as wp:
             assert wp.worker is not None
             click.echo(
@@ -158,9 +169,17 @@ def worker(nats_url: str, **kw: Any) -> None:
                 f"with the {kw['engine']} engine",
                 err=True,
             )
-            await stop.wait()
+            stopping = asyncio.ensure_future(stop.wait())
+            hung = asyncio.ensure_future(wp.worker.broken.wait())
+            await asyncio.wait({stopping, hung}, return_when=asyncio.FIRST_COMPLETED)
+            for f in (stopping, hung):
+                f.cancel()
+            broken = wp.worker.broken_reason
 
     _run(run_until_signal(serve))
+    if broken:  # a hung engine: exit non-zero, so the node agent restarts this worker
+        click.echo(f"error: {broken}", err=True)
+        sys.exit(3)
 
 
 @main.command("nats")
@@ -318,6 +337,13 @@ def model() -> None:
     type=click.IntRange(min=1),
     help="Largest max_tokens a request may ask for (400 beyond).",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="LoRA adapter served as model NAME (repeatable; engines that take adapters: vllm).",
+)
 @engine_options
 @click.option(
     "--wait/--no-wait",
@@ -348,6 +374,7 @@ def model_load(name: str, nats_url: str, **kw: Any) -> None:
             max_queue=kw["max_queue"],
             max_queue_bytes=kw["max_queue_bytes"],
             max_output_tokens=kw["max_output_tokens"],
+            adapters=_adapters(kw["loras"]),
         )
         async with _admin(nats_url) as admin:
             await admin.load(req)
@@ -388,6 +415,52 @@ def model_unload(name: str, nats_url: str) -> None:
         async with _admin(nats_url) as admin:
             await admin.unload(name)
         click.echo(f"unloading {name!r}")
+
+    _run(go())
+
+
+def _adapters(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"expected NAME=PATH, got {pair!r}", param_hint="--lora")
+        out[name] = path
+    return out
+
+
+@model.group("adapter")
+def model_adapter() -> None:
+    """LoRA adapters of a loaded model, added and removed at run time."""
+
+
+@model_adapter.command("add")
+@click.argument("model_name", metavar="MODEL")
+@click.argument("name")
+@click.argument("path")
+@nats_url_option
+def adapter_add(model_name: str, name: str, path: str, nats_url: str) -> None:
+    """Serve adapter NAME (a LoRA directory at PATH on the nodes) on MODEL's replicas."""
+
+    async def go() -> None:
+        async with _admin(nats_url) as admin:
+            await admin.add_adapter(model_name, name, path)
+        click.echo(f"adapter {name!r} added to {model_name!r}: replicas load it now")
+
+    _run(go())
+
+
+@model_adapter.command("remove")
+@click.argument("model_name", metavar="MODEL")
+@click.argument("name")
+@nats_url_option
+def adapter_remove(model_name: str, name: str, nats_url: str) -> None:
+    """Stop serving adapter NAME; MODEL's replicas unload it."""
+
+    async def go() -> None:
+        async with _admin(nats_url) as admin:
+            await admin.remove_adapter(model_name, name)
+        click.echo(f"adapter {name!r} removed from {model_name!r}")
 
     _run(go())
 

@@ -47,6 +47,11 @@ class ChatMessage(msgspec.Struct, kw_only=True):
         return None
 
 
+# Choices per request: the OpenAI API's bound. Engines that sample once per request
+# (sim, hf) answer n > 1 with their own 400; vLLM serves it.
+ChoiceCount = Annotated[int, msgspec.Meta(ge=1, le=128)]
+
+
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     model: str
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
@@ -54,7 +59,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    n: ChoiceCount = 1
     temperature: Temperature | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     stop: str | list[str] | None = None
@@ -82,7 +87,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
-    n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
+    n: ChoiceCount = 1
     temperature: Temperature | None = None
     top_p: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     echo: bool = False
@@ -105,6 +110,7 @@ class StreamFlags(msgspec.Struct, kw_only=True):
 
     stream: bool = False
     stream_options: StreamOptions | None = None
+    model: str = ""  # a LoRA adapter's name, where it is not the worker's model
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
 
@@ -128,6 +134,13 @@ class Model(msgspec.Struct, kw_only=True):
     object: str = "model"
     created: int = 0
     owned_by: str = "nebula"
+
+
+class AdapterModel(Model, kw_only=True):
+    """A LoRA adapter in /v1/models, with vLLM's fields: its path and its base model."""
+
+    root: str
+    parent: str
 
 
 class ModelList(msgspec.Struct, kw_only=True):

@@ -21,9 +21,10 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def nebula_argv(*args: str) -> list[str]:
-    """The command line of a Nebula subcommand run by this same interpreter."""
-    return [sys.executable, "-m", "nebula.cli", *args]
+def nebula_argv(*args: str, python: str | None = None) -> list[str]:
+    """The command line of a Nebula subcommand, run by this same interpreter unless
+    ``python`` names another (which must have Nebula installed)."""
+    return [python or sys.executable, "-m", "nebula.cli", *args]
 
 
 async def spawn(

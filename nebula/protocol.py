@@ -46,6 +46,10 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     engine_running: int = 0
     engine_waiting: int = 0
     kv_cache_usage: float = 0.0
+    # LoRA adapters this replica has loaded (each served as its own model name).
+    adapters: list[str] = msgspec.field(default_factory=list)
+    # While starting (ready False): what the worker is doing, e.g. "loading weights".
+    phase: str = ""
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,6 +70,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_queue_bytes: int = 16 * 1024 * 1024
     # Largest max_tokens a request may ask for (400 beyond).
     max_output_tokens: int = 32768
+    # LoRA adapters: name -> path. Each name is a model in /v1/models whose requests
+    # queue with this model's and run on its replicas, which load the adapter.
+    adapters: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class PlacementState(enum.StrEnum):

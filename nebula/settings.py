@@ -177,6 +177,11 @@ class WorkerSettings:
         5.0, "Seconds between engine health checks (a failing engine takes no jobs)."
     )
     health_timeout: float = setting(5.0, "Seconds an engine health check may take.")
+    stall_timeout: float = setting(
+        300.0,
+        "Seconds an engine may hold requests without producing output before the worker "
+        "exits as hung, so its node agent restarts it (0: never).",
+    )
     max_output_tokens: int = setting(32768, "Largest max_tokens a request may ask for.")
     max_deliver: int = setting(
         5, "A job delivered more often than this goes to the dead-letter subject."
@@ -280,6 +285,11 @@ class NodeSettings:
     stable_after: float = setting(60.0, "A worker that ran this long starts a new crash count.")
     ready_timeout: float = setting(600.0, "Seconds a starting worker has to report ready.")
     stop_timeout: float = setting(40.0, "SIGTERM, this long to drain, then SIGKILL.")
+    vllm_python: str | None = setting(
+        None,
+        "Python interpreter for vllm workers, for sites that keep vLLM in its own "
+        "environment (Nebula must be installed there too).",
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeSettings:

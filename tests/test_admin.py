@@ -158,3 +158,32 @@ async def test_cli_bad_loads(nats_settings: NatsSettings, args: list[str], words
 async def test_cli_unreachable_nats() -> None:
     rc, _, err = await _cli("nats://127.0.0.1:1", "model", "list")
     assert rc == 1 and "cannot reach NATS" in err and "Traceback" not in err
+
+
+async def test_adapter_requests_that_cannot_work_say_why(
+    admin_http: httpx.AsyncClient, unique: str
+) -> None:
+    name = f"adp-{unique}"
+    r = await admin_http.post(
+        "/models", json={"name": name, "engine": "sim", "adapters": {"a": "/lora/a"}}
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "adapters" and "does not serve LoRA adapters" in err["message"]
+    assert (
+        await admin_http.post("/models", json={"name": name, "engine": "sim"})
+    ).status_code == 201
+    add = await admin_http.post(f"/models/{name}/adapters", json={"name": "a", "path": "/lora/a"})
+    assert add.status_code == 400 and "serves no adapters" in add.json()["error"]["message"]
+    clash = await admin_http.post(
+        f"/models/{name}/adapters", json={"name": name, "path": "/lora/a"}
+    )
+    assert clash.status_code == 400 and "name of its base model" in clash.text
+    bad = await admin_http.post(f"/models/{name}/adapters", json={"name": "a"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "path"
+    missing = await admin_http.post("/models/no-such/adapters", json={"name": "a", "path": "/x"})
+    assert missing.status_code == 404
+    gone = await admin_http.delete(f"/models/{name}/adapters/a")
+    assert gone.status_code == 404 and "has no adapter" in gone.json()["error"]["message"]
+    # The model itself is untouched by all of that.
+    assert (await admin_http.delete(f"/models/{name}")).status_code == 200

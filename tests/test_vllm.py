@@ -60,13 +60,20 @@ VLLM_ARGS = [
     f"--max-num-seqs={MAX_SEQS}",
     "--dtype=float32",
     "--seed=0",
+    "--max-lora-rank=8",
 ]
+LORA_A, LORA_B = "tiny-lora-a", "tiny-lora-b"  # A from the load, B added at run time
+STALL = 15.0  # the workers' stall watchdog (NEBULA_STALL_TIMEOUT), short for the test
 VLLM_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
+    "NEBULA_STALL_TIMEOUT": str(STALL),
+    # The engine's running count reaches the test through heartbeats: often, so that a
+    # generation that ends in seconds on an idle machine is seen while it runs.
+    "NEBULA_WORKER_HEARTBEAT_INTERVAL": "0.25",
 }
 MSG = [{"role": "user", "content": "hello tiny model, count to ten"}]
 # Fields that differ between any two answers, whoever serves them.
@@ -117,9 +124,18 @@ def _group(pgid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("vllm") / "tiny-llama"
-    # A subprocess: torch stays out of the test process.
+    # A subprocess: torch stays out of the test process. Two LoRA adapters beside it.
     subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "tiny_model.py"), str(out)], check=True, timeout=300
+        [
+            sys.executable,
+            str(ROOT / "tests" / "tiny_model.py"),
+            str(out),
+            "--lora",
+            f"{LORA_A}=1",
+            f"{LORA_B}=2",
+        ],
+        check=True,
+        timeout=300,
     )
     return out
 
@@ -142,6 +158,7 @@ class Deployment:
     gateway: GatewayServer
     model_dir: Path
     logs: Path
+    phases: list[str]  # placement reasons seen while the model was Starting
 
     async def worker_info(self) -> WorkerInfo | None:
         """The Nebula worker's latest heartbeat (it carries the engine's own load)."""
@@ -171,8 +188,12 @@ async def _vllm_server(model_dir: Path, port: int, log: Path) -> asyncio.subproc
         "--host=127.0.0.1",
         f"--port={port}",
         *VLLM_ARGS,
+        "--enable-lora",
+        f"--lora-modules={LORA_A}={model_dir.parent / LORA_A}",
     ]
-    return await procs.spawn(argv, env=VLLM_ENV, log_file=log)
+    # Its adapter routes, to add B at run time as Nebula does.
+    env = {**VLLM_ENV, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    return await procs.spawn(argv, env=env, log_file=log)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +234,11 @@ async def deployment(
         admin = await ClusterAdmin.open(nc, nats)
         await admin.load(
             LoadRequest(
-                name=MODEL, engine="vllm", model_path=str(tiny_model), engine_args=VLLM_ARGS
+                name=MODEL,
+                engine="vllm",
+                model_path=str(tiny_model),
+                engine_args=VLLM_ARGS,
+                adapters={LORA_A: str(tiny_model.parent / LORA_A)},
             )
         )
 
@@ -233,8 +258,16 @@ async def deployment(
             "vLLM's server",
             every=1.0,
         )
+        phases: list[str] = []
+
+        async def nebula_up() -> bool:
+            for m in await admin.models():
+                if m.state == "Starting" and m.reason and m.reason not in phases:
+                    phases.append(m.reason)
+            return await up(f"{gw.base_url}/v1/models", worker_log)
+
         try:
-            await _wait(lambda: up(f"{gw.base_url}/v1/models", worker_log), 600, "Nebula", 1.0)
+            await _wait(nebula_up, 600, "Nebula", 0.5)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{_tail(worker_log)}") from None
 
@@ -250,6 +283,7 @@ async def deployment(
             gateway=gw,
             model_dir=tiny_model,
             logs=tmp,
+            phases=phases,
         )
         stack.push_async_callback(dep.direct.client.close)
         stack.push_async_callback(dep.nebula.client.close)
@@ -268,6 +302,47 @@ def _plain(obj: Any) -> Any:
 
 async def _both(dep: Deployment, call: Callable[[openai.AsyncOpenAI], Any]) -> tuple[Any, Any]:
     return await call(dep.direct.client), await call(dep.nebula.client)
+
+
+async def test_failed_load_says_why_and_node_runs_vllm_under_its_python(tmp_path: Path) -> None:
+    """`nebula node --vllm-python PY` starts vllm workers with PY; a model path that does
+    not exist ends the load Failed, with vLLM's own words as the reason."""
+    calls = tmp_path / "calls.log"
+    wrapper = tmp_path / "python"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    server = await fresh_nats(tmp_path / "nats")
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(server.close)
+        nats = NatsSettings(url=server.url)
+        nc = await natsio.connect(nats, name="test-vllm-python")
+        stack.push_async_callback(natsio.close_connection, nc)
+        await stack.enter_async_context(
+            Scheduler(nc, SchedulerSettings(node_ttl=3.0, node_grace=1.0), nats_settings=nats)
+        )
+        node = NodeSettings(
+            node_id="py-node",
+            simulated_gpus="",
+            log_dir=tmp_path / "logs",
+            backoff_initial=0.2,
+            max_crashes=2,
+            vllm_python=str(wrapper),
+        )
+        await stack.enter_async_context(NodeAgent(node, nats))
+        admin = await ClusterAdmin.open(nc, nats)
+        missing = tmp_path / "no-such-model"
+        await admin.load(
+            LoadRequest(name="missing", engine="vllm", model_path=str(missing), engine_args=[])
+        )
+
+        async def failed() -> Any:
+            m = next((m for m in await admin.models() if m.name == "missing"), None)
+            return m if m is not None and m.state == "Failed" else None
+
+        status = await _wait(failed, 300, "the load to fail", every=0.5)
+        assert str(missing) in status.reason, status.reason  # vLLM's message names it
+        assert "2 crashes in a row" in status.reason
+        assert "worker --model=missing --engine=vllm" in calls.read_text()
 
 
 async def test_chat_equals_vllm(deployment: Deployment) -> None:
@@ -350,6 +425,27 @@ async def test_completions_equal_vllm(deployment: Deployment) -> None:
     assert len(nebula_chunks) > 3 and _merged(nebula_chunks) == _merged(direct_chunks)
 
 
+async def test_sampling_parameters_pass_through(deployment: Deployment) -> None:
+    # n, a per-request seed, logprobs and stop strings: vLLM's own answer, whole.
+    def ask(c: openai.AsyncOpenAI) -> Any:
+        return c.chat.completions.create(
+            model=MODEL,
+            messages=MSG,
+            max_tokens=10,
+            n=2,
+            temperature=0.9,
+            top_p=0.95,
+            seed=7,
+            logprobs=True,
+            top_logprobs=2,
+            stop=["zzz"],
+        )
+
+    direct, nebula = await _both(deployment, ask)
+    assert len(nebula.choices) == 2 and nebula.choices[0].logprobs is not None
+    assert _plain(nebula) == _plain(direct)
+
+
 async def test_prompt_over_context_is_vllms_400(deployment: Deployment) -> None:
     long = "hello " * (MAX_LEN + 50)
     for stream in (False, True):
@@ -426,9 +522,11 @@ async def test_disconnect_aborts_in_the_engine(deployment: Deployment) -> None:
         "model": MODEL,
         "prompt": "count",
         "max_tokens": MAX_LEN - 8,
+        "n": 3,  # three sequences: seconds of work even on an idle machine
         "stream": True,
         "ignore_eos": True,
-        "temperature": 0,
+        "temperature": 1.0,  # vLLM allows n > 1 only when sampling
+        "seed": 0,
     }
     async with httpx.AsyncClient(base_url=deployment.nebula.base_url, timeout=60) as http:
         async with http.stream("POST", "/completions", json=body) as r:
@@ -456,12 +554,133 @@ async def _engine_running(dep: Deployment, ok: Callable[[int], bool]) -> bool:
     return info is not None and ok(info.engine_running)
 
 
-async def test_sigkill_leaves_no_engine_processes(deployment: Deployment) -> None:
-    """Last in the module: kills the worker (the node agent then restarts it)."""
-    handles = list(deployment.agent.workers.values())
+async def test_starting_says_what_the_engine_is_doing(deployment: Deployment) -> None:
+    # Seen by polling `model list` while the fixture waited for the load.
+    assert any("loading weights" in p for p in deployment.phases), deployment.phases
+
+
+async def _models(side: Side) -> dict[str, Any]:
+    return {m.id: m.model_dump() for m in (await side.client.models.list()).data}
+
+
+async def test_lora_adapters_are_models_added_and_removed_at_run_time(
+    deployment: Deployment,
+) -> None:
+    dep = deployment
+
+    def ask(model: str) -> Callable[[openai.AsyncOpenAI], Any]:
+        return lambda c: c.completions.create(
+            model=model, prompt="the fabric queue", max_tokens=12, temperature=0, seed=0
+        )
+
+    listed = await _models(dep.nebula)
+    assert listed[LORA_A]["parent"] == MODEL, listed
+    assert listed[LORA_A]["root"] == str(dep.model_dir.parent / LORA_A)
+    base = await dep.nebula.client.completions.create(
+        model=MODEL, prompt="the fabric queue", max_tokens=12, temperature=0, seed=0
+    )
+    direct, nebula = await _both(dep, ask(LORA_A))
+    assert _plain(nebula) == _plain(direct) and nebula.model == LORA_A
+    assert nebula.choices[0].text != base.choices[0].text  # the adapter changes the answer
+
+    # B at run time: through the admin API, and vLLM's own server through its route.
+    path_b = str(dep.model_dir.parent / LORA_B)
+    async with httpx.AsyncClient(timeout=120) as http:
+        r = await http.post(
+            f"{dep.gateway.base_url}/v1/admin/models/{MODEL}/adapters",
+            json={"name": LORA_B, "path": path_b},
+        )
+        assert r.status_code == 201, r.text
+        r = await http.post(
+            dep.direct.base_url.removesuffix("/v1") + "/v1/load_lora_adapter",
+            json={"lora_name": LORA_B, "lora_path": path_b},
+        )
+        assert r.status_code == 200, r.text
+    # Asked at once: the replica loads it before it runs the request.
+    direct, nebula = await _both(dep, ask(LORA_B))
+    assert _plain(nebula) == _plain(direct)
+    await _wait(lambda: _has_model(dep, LORA_B, True), 30, "adapter B in /v1/models")
+
+    await dep.admin.remove_adapter(MODEL, LORA_B)
+    await _wait(lambda: _has_model(dep, LORA_B, False), 30, "adapter B to leave /v1/models")
+    with pytest.raises(openai.NotFoundError):
+        await ask(LORA_B)(dep.nebula.client)
+    info = await dep.worker_info()
+    assert info is not None and info.adapters == [LORA_A]  # unloaded from the engine too
+
+
+async def _has_model(dep: Deployment, name: str, want: bool) -> bool:
+    return (name in await _models(dep.nebula)) == want
+
+
+async def _worker(dep: Deployment) -> tuple[int, str]:
+    handles = list(dep.agent.workers.values())
     assert len(handles) == 1
-    pid = handles[0].pid
+    return handles[0].pid, handles[0].worker_id
+
+
+async def _restarted(dep: Deployment, old_pid: int) -> bool:
+    handles = list(dep.agent.workers.values())
+    if len(handles) != 1 or handles[0].pid == old_pid:
+        return False
+    info = await dep.worker_info()
+    return info is not None and info.worker_id == handles[0].worker_id and info.ready
+
+
+async def test_hung_engine_is_restarted(deployment: Deployment) -> None:
+    dep = deployment
+    pid, _ = await _worker(dep)
+    engine_core = [p for p in _group(pid) if p != pid]
+    assert engine_core
+    for p in engine_core:  # the engine core stops computing; its processes stay alive
+        os.kill(p, signal.SIGSTOP)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError) as info:
+        await dep.nebula.client.completions.create(model=MODEL, prompt="x", max_tokens=4)
+    failed_after = time.monotonic() - t0
+    assert "no output" in str(info.value), info.value  # the watchdog's reason, not a timeout
+    assert failed_after < STALL + 20, failed_after
+    await _wait(lambda: not _group(pid), 60, "the hung worker's process group to go")
+    await _wait(lambda: _restarted(dep, pid), 600, "a new worker", every=1.0)
+    r = await dep.nebula.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert r.usage is not None and r.usage.completion_tokens == 2
+    print(f"hung engine: the request failed after {failed_after:.1f}s; restarted")
+
+
+async def test_sigkill_leaves_no_engine_processes_and_restarts(deployment: Deployment) -> None:
+    dep = deployment
+    pid, _ = await _worker(dep)
     members = _group(pid)
     assert pid in members and len(members) > 1, members  # vLLM's engine core is in it
     os.kill(pid, signal.SIGKILL)
     await _wait(lambda: not _group(pid), 30, f"the worker's process group {members} to go")
+    await _wait(lambda: _restarted(dep, pid), 600, "a new worker", every=1.0)
+    r = await dep.nebula.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert r.usage is not None and r.usage.completion_tokens == 2
+    # The restarted replica loaded the adapter from the spec.
+    assert LORA_A in await _models(dep.nebula)
+
+
+def _rss_kib(pids: list[int]) -> int:
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+async def test_unload_frees_the_process_and_its_memory(deployment: Deployment) -> None:
+    """Last in the module: unloads the model."""
+    dep = deployment
+    pid, _ = await _worker(dep)
+    members = _group(pid)
+    held = _rss_kib(members)
+    assert held > 100_000, held  # vLLM and torch hold hundreds of MiB
+    await dep.admin.unload(MODEL)
+    await _wait(lambda: not _group(pid), 60, f"the worker's process group {members} to go")
+    await _wait(lambda: not dep.agent.workers, 30, "the node agent to forget the worker")
+    await _wait(lambda: _has_model(dep, MODEL, False), 30, "the model to leave /v1/models")
+    assert _rss_kib(members) == 0
+    print(f"unload: {held // 1024} MiB held by {len(members)} processes, all freed")

@@ -4,11 +4,14 @@
 512-token byte-level BPE vocabulary and a plain chat template. Needs torch,
 transformers and tokenizers (the vLLM environment has them). ``build_model(dir)``
 writes it with ``save_pretrained`` once (an existing ``dir`` is reused);
-``python tests/tiny_model.py DIR`` does the same.
+``python tests/tiny_model.py DIR`` does the same. ``build_lora(dir, seed)`` writes a
+rank-8 LoRA adapter for it in PEFT's file layout (no peft needed), and
+``python tests/tiny_model.py DIR --lora NAME=SEED ...`` writes adapters beside the model.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -81,5 +84,48 @@ def build_model(out: Path, *, max_positions: int = 2048) -> Path:
     return out
 
 
+def build_lora(out: Path, base: Path, *, seed: int, rank: int = 8) -> Path:
+    """A LoRA adapter on the attention projections, large enough to change the answers."""
+    import torch
+    from safetensors.torch import save_file
+
+    if out.exists():
+        return out
+    config = json.loads((base / "config.json").read_text())
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    gen = torch.Generator().manual_seed(seed)
+    weights = {}
+    for i in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            key = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            weights[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=gen)
+            weights[f"{key}.lora_B.weight"] = torch.randn(hidden, rank, generator=gen)
+    tmp = out.with_name(out.name + ".part")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(tmp / "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    tmp.rename(out)
+    return out
+
+
 if __name__ == "__main__":
-    print(build_model(Path(sys.argv[1])))
+    model = build_model(Path(sys.argv[1]))
+    print(model)
+    if "--lora" in sys.argv:
+        for spec in sys.argv[sys.argv.index("--lora") + 1 :]:
+            name, _, seed = spec.partition("=")
+            print(build_lora(model.parent / name, model, seed=int(seed)))

@@ -319,7 +319,12 @@ class _Replica:
             # Model unloaded (the scheduler will say Unloading) or NATS down: look again.
             await _first(self.changed.wait(), timeout=1.0)
             return False
-        kinds = [k for k in ENGINES if k.available()]  # vllm only where it is installed
+        # vllm only where it is installed, here or in the interpreter given for it
+        kinds = [
+            k
+            for k in ENGINES
+            if k.available() or (k.name == "vllm" and agent.settings.vllm_python)
+        ]
         kind = next((k for k in kinds if k.name == spec.engine), None)
         if kind is None:
             self.failed_reason = (
@@ -340,6 +345,7 @@ class _Replica:
             f"--worker-id={worker_id}",
             f"--node-id={agent.node_id}",
             f"--nats-url={agent.nats_settings.url}",
+            python=agent.settings.vllm_python if spec.engine == "vllm" else None,
         )
         if spec.max_concurrency > 0:  # 0: the engine's own slot count
             argv.append(f"--max-concurrency={spec.max_concurrency}")
@@ -357,6 +363,7 @@ class _Replica:
                 env[opt.env] = value
             elif value != "":
                 argv.append(f"{opt.flag}={value}")
+        argv += [f"--lora={name}={path}" for name, path in sorted(spec.adapters.items())]
         if spec.engine_args:
             argv += ["--", *spec.engine_args]
         if p.gpu_ids:
@@ -374,6 +381,9 @@ class _Replica:
                 return
             if info.ready and not info.draining:
                 ready.set()
+            elif not info.ready and info.phase and info.phase != self.note:
+                self.note = info.phase  # what the engine is doing while it starts
+                self.changed.set()
 
         try:
             log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
+import os
+import time
+import uuid
 
-from nebula import natsio
+import msgspec
+from nats.aio.client import Client
+
+from nebula import natsio, subjects
+from nebula.protocol import WorkerInfo
 from nebula.service import Service
 from nebula.settings import NatsSettings, WorkerSettings
 from workers.engines import ENGINES, Engine, EngineConfig
 from workers.worker import Worker
+
+log = logging.getLogger(__name__)
 
 
 def build_engine(
@@ -20,6 +32,7 @@ def build_engine(
     model_path: str | None = None,
     engine_args: tuple[str, ...] = (),
     gpu_memory: float = 0.0,
+    adapters: dict[str, str] | None = None,
 ) -> Engine:
     """Engine options are strings (they come from flags and from KV model specs)."""
     cfg = EngineConfig(
@@ -29,6 +42,7 @@ def build_engine(
         model_path=model_path,
         engine_args=engine_args,
         gpu_memory=gpu_memory,
+        adapters=adapters or {},
     )
     return ENGINES.build(kind, cfg)
 
@@ -52,23 +66,65 @@ class WorkerProcess(Service):
         self.worker: Worker | None = None
 
     async def start(self) -> None:
-        await self.engine.start()
+        nc = await natsio.connect(
+            self.nats_settings, name=f"nebula-worker-{self.settings.model}", on_reconnect=self.hooks
+        )
+        try:
+            if not self.settings.worker_id:
+                wid = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self.settings = dataclasses.replace(self.settings, worker_id=wid)
+            # Loading takes from seconds to many minutes: say what is happening meanwhile.
+            beats = asyncio.create_task(self._starting_beats(nc))
+            try:
+                await self.engine.start()
+            finally:
+                beats.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beats
+        except BaseException:
+            await natsio.close_connection(nc)
+            raise
         if self.settings.max_concurrency <= 0:
             # Slots follow the engine (vLLM: its --max-num-seqs).
             slots = self.engine.load().capacity or 8
             self.settings = dataclasses.replace(self.settings, max_concurrency=slots)
-        nc = await natsio.connect(
-            self.nats_settings, name=f"nebula-worker-{self.settings.model}", on_reconnect=self.hooks
-        )
         self.worker = Worker(
             self.settings, self.engine, nc, self.nats_settings, node_id=self.node_id
         )
         self.hooks.add(self.worker.on_reconnect)
         await self.worker.start()
 
+    async def _starting_beats(self, nc: Client) -> None:
+        """Heartbeats with ``ready`` false and the engine's phase until the engine is up:
+        the node agent shows the phase as the placement's reason (``cluster status``)."""
+        s = self.settings
+        assert s.worker_id
+        key = subjects.worker_key(s.model, s.worker_id)
+        started, said = time.time(), ""
+        kv = await natsio.workers_bucket(nc.jetstream(), self.nats_settings)
+        while True:
+            phase = getattr(self.engine, "phase", "") or "starting the engine"
+            if phase != said:
+                info = WorkerInfo(
+                    worker_id=s.worker_id,
+                    model=s.model,
+                    engine=self.engine.kind,
+                    node_id=self.node_id,
+                    started_at=started,
+                    ready=False,
+                    phase=phase,
+                )
+                with contextlib.suppress(Exception):
+                    await kv.put(key, msgspec.json.encode(info))
+                    said = phase
+            await asyncio.sleep(0.5)
+
     async def close(self) -> None:
         if self.worker is not None:
             w, self.worker = self.worker, None
             await w.close()
             await natsio.close_connection(w.nc)
-        await self.engine.stop()
+        try:  # a hung engine may not stop: its process group is cleared by the agent
+            await asyncio.wait_for(self.engine.stop(), 60.0)
+        except TimeoutError:
+            log.error("the engine did not stop within 60s; leaving it")

@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from nebula import natsio, subjects
 from nebula.errors import (
@@ -39,10 +39,10 @@ from nebula.errors import (
     WorkerLost,
 )
 from nebula.openai_types import SSE_DONE, StreamFlags, sse
-from nebula.protocol import BatchJob, Endpoint, FrameKind, JobState, WorkerInfo
+from nebula.protocol import BatchJob, Endpoint, FrameKind, JobState, ModelSpec, WorkerInfo
 from nebula.service import Service
 from nebula.settings import NatsSettings, WorkerSettings
-from workers.engines.base import Engine, Job
+from workers.engines.base import AdapterHost, Engine, Job
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class _InFlight:
     # The gateway's silence timeout (0: unknown, never fence).
     silence: float = 0.0
     fenced: bool = False
+    waiting_credit: bool = False  # held back by its reader, not by the engine
 
     @property
     def key(self) -> tuple[str, int]:
@@ -195,6 +196,13 @@ class Worker(Service):
         self._jobs_kv: KeyValue | None = None
         self._job_states: dict[str, tuple[float, str]] = {}
         self.items_done = 0
+        # LoRA adapters the model's spec asks for (engines that host adapters only).
+        self._adapter_host = engine if isinstance(engine, AdapterHost) else None
+        self._wanted_adapters: dict[str, str] | None = None
+        # Engine progress, for the stall watchdog; set when the engine hangs.
+        self._last_progress = time.monotonic()
+        self.broken = asyncio.Event()
+        self.broken_reason = ""
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -211,6 +219,15 @@ class Worker(Service):
         self._subs.append(
             await self.nc.subscribe(subjects.credit_subject(self.worker_id), cb=self._on_credit)
         )
+        if self._adapter_host is not None:
+            # Every write of the model's spec (adapter add/remove) reaches this replica.
+            self._subs.append(
+                await self.nc.subscribe(
+                    subjects.kv_subject(subjects.MODELS_BUCKET, subjects.model_key(self.model)),
+                    cb=self._on_spec,
+                )
+            )
+            await self._read_spec()
         if self.settings.batch:
             await natsio.ensure_batch_streams(js, self.nats_settings)
             await self._ensure_job_consumer()
@@ -288,14 +305,16 @@ class Worker(Service):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_timeout):
                     await asyncio.gather(*self._batch_inflight.values(), return_exceptions=True)
-        if self._inflight:
+        if self._inflight and not self.broken.is_set():  # a hung engine finishes nothing
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout)
         for job in list(self._inflight.values()):
             if job.task is not None:
                 job.task.cancel()
-                await self._send_error(job, WorkerLost("worker stopped before finishing"))
+                await self._send_error(
+                    job, WorkerLost(self.broken_reason or "worker stopped before finishing")
+                )
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -336,6 +355,46 @@ class Worker(Service):
     @property
     def taking_work(self) -> bool:
         return self.state is WorkerState.RUNNING and self.healthy
+
+    # --- LoRA adapters ----------------------------------------------------------
+
+    async def _on_spec(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get(KV_OP) in (KV_DEL, KV_PURGE):
+            return  # unloaded: the node agent stops this worker
+        try:
+            spec = msgspec.json.decode(msg.data, type=ModelSpec)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        await self._apply_adapters(spec.adapters)
+
+    async def _read_spec(self) -> None:
+        spec = await natsio.model_spec(self.nc.jetstream(), self.nats_settings, self.model)
+        if spec is not None:
+            await self._apply_adapters(spec.adapters)
+
+    async def _apply_adapters(self, wanted: dict[str, str]) -> None:
+        host = self._adapter_host
+        if host is None or wanted == self._wanted_adapters:
+            return
+        self._wanted_adapters = dict(wanted)
+        try:
+            await host.set_adapters(wanted)
+        except NebulaError as e:  # a bad path: requests for it get the engine's error
+            log.warning("adapters %s: %s", sorted(wanted), e.message)
+        with contextlib.suppress(Exception):
+            await self._heartbeat_once()  # the gateway lists what is loaded now
+
+    async def _ensure_adapter(self, name: str) -> None:
+        """A job for adapter ``name`` that this replica has not loaded yet (it was just
+        added): load what the spec asks for first, so the job runs where the adapter is."""
+        host = self._adapter_host
+        if host is None or name == self.model or name in host.adapters:
+            return
+        if self._wanted_adapters is None or name not in self._wanted_adapters:
+            await self._read_spec()
+        wanted = self._wanted_adapters or {}
+        if name in wanted and name not in host.adapters:
+            await host.set_adapters(wanted)
 
     # --- flow control ----------------------------------------------------------
 
@@ -435,6 +494,7 @@ class Worker(Service):
                 )
                 body = b""
                 async for out in self.engine.generate(work):
+                    self._last_progress = time.monotonic()
                     body = out.chunk
                 status = 200
             except NebulaError as e:
@@ -606,11 +666,15 @@ class Worker(Service):
                 )
                 return
             self.jobs_started += 1
+            if len(self._inflight) == 1:  # the engine was idle: its clock starts now
+                self._last_progress = time.monotonic()
             await self._frame(job, FrameKind.START, b"")
             try:
                 flags = msgspec.json.decode(msg.data, type=StreamFlags)
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
                 raise InvalidRequest(f"job body is not a valid request: {e}") from None
+            if flags.model and self._adapter_host is not None:
+                await self._ensure_adapter(flags.model)
             limit = flags.limit
             if limit is not None and limit > self.settings.max_output_tokens:
                 param = "max_completion_tokens" if flags.max_completion_tokens else "max_tokens"
@@ -660,6 +724,7 @@ class Worker(Service):
         first = True
         limit = self.settings.batch_tokens
         async for out in self.engine.generate(work):
+            self._last_progress = time.monotonic()
             if not out.chunk:
                 continue
             job.buf.append(sse(out.chunk))
@@ -683,6 +748,7 @@ class Worker(Service):
         """Take nothing more from the engine until the client has read enough: the
         engine keeps (and coalesces) its output, and memory per stream stays bounded."""
         await self._flush(job)
+        job.waiting_credit = True
         try:
             async with asyncio.timeout(self.settings.credit_timeout):
                 while job.sent - job.consumed >= job.window:
@@ -692,6 +758,9 @@ class Worker(Service):
             raise DeadlineExceeded(
                 f"the client read nothing for {self.settings.credit_timeout:.0f}s"
             ) from None
+        finally:
+            job.waiting_credit = False
+            self._last_progress = time.monotonic()
 
     async def _flush(self, job: _InFlight) -> None:
         if not job.buf:
@@ -758,10 +827,34 @@ class Worker(Service):
                     self._bpulls.popleft()
                 await self._refill()
 
+    def _stalled(self) -> str:
+        """Why the engine counts as hung: requests it holds (not held back by a slow
+        reader) and no output from it for ``stall_timeout``. A health check cannot see
+        this: a wedged engine still answers that its processes are alive."""
+        limit = self.settings.stall_timeout
+        if not limit or not any(not j.waiting_credit for j in self._inflight.values()):
+            return ""
+        quiet = time.monotonic() - self._last_progress
+        if quiet < limit:
+            return ""
+        return (
+            f"the engine produced no output for {quiet:.0f}s while holding "
+            f"{len(self._inflight)} request(s)"
+        )
+
     async def _health_loop(self) -> None:
-        """A broken engine must not swallow the queue: while it fails, pull nothing."""
+        """A broken engine must not swallow the queue: while it fails, pull nothing.
+        A hung one (see :meth:`_stalled`) ends the worker, for its supervisor to restart."""
         while True:
-            await asyncio.sleep(self.settings.health_interval)
+            await asyncio.sleep(
+                min(self.settings.health_interval, self.settings.stall_timeout or 5)
+            )
+            stalled = self._stalled()
+            if stalled and self.state is WorkerState.RUNNING:
+                log.error("worker %s: %s; exiting to be restarted", self.worker_id, stalled)
+                self.broken_reason = stalled
+                self.broken.set()
+                return
             reason = ""
             try:
                 async with asyncio.timeout(self.settings.health_timeout):
@@ -804,6 +897,7 @@ class Worker(Service):
             engine_running=load.running,
             engine_waiting=load.waiting,
             kv_cache_usage=load.kv_cache_usage,
+            adapters=sorted(self._adapter_host.adapters) if self._adapter_host else [],
         )
 
     async def _heartbeat_once(self) -> None:
@@ -827,3 +921,6 @@ class Worker(Service):
         self._last_repair = 0.0
         await self._repair()
         await self._refill()
+        if self._adapter_host is not None:  # spec writes missed while disconnected
+            with contextlib.suppress(Exception):
+                await self._read_spec()

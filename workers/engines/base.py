@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from nebula.openai_types import Usage
 from nebula.protocol import Endpoint
@@ -58,3 +58,14 @@ class Engine(Protocol):
     def load(self) -> EngineLoad: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class AdapterHost(Protocol):
+    """An engine that serves LoRA adapters, each under its own model name."""
+
+    adapters: dict[str, str]  # loaded now: name -> path
+
+    async def set_adapters(self, wanted: Mapping[str, str]) -> None:
+        """Load and unload until exactly ``wanted`` is loaded."""
+        ...

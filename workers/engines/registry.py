@@ -10,7 +10,7 @@ and needs no engine's dependencies (vLLM least of all).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nebula.errors import InvalidRequest
@@ -57,6 +57,7 @@ class EngineConfig:
     model_path: str | None = None
     engine_args: tuple[str, ...] = ()
     gpu_memory: float = 0.0
+    adapters: Mapping[str, str] = field(default_factory=dict)  # LoRA: name -> path
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,9 @@ class EngineKind:
     # only where ``available()`` says that package is importable.
     check: Callable[[EngineConfig], None] | None = None
     available: Callable[[], bool] = lambda: True
+    # Serves LoRA adapters (ModelSpec.adapters); this engine arg turns that on, and a
+    # load with adapters gets it added.
+    lora_flag: str | None = None
 
     def option(self, name: str) -> EngineOption | None:
         return next((o for o in self.options if o.name == name), None)
@@ -95,6 +99,10 @@ class EngineKind:
         if cfg.engine_args and not self.takes_engine_args:
             raise InvalidRequest(
                 f"the {self.name} engine takes no engine args (after `--`)", param="engine_args"
+            )
+        if cfg.adapters and self.lora_flag is None:
+            raise InvalidRequest(
+                f"the {self.name} engine does not serve LoRA adapters", param="adapters"
             )
         if deep and self.check is not None and self.available():
             self.check(cfg)
@@ -182,6 +190,7 @@ def _vllm_settings(cfg: EngineConfig) -> VllmSettings:
         model_path=cfg.model_path,
         engine_args=tuple(cfg.engine_args),
         gpu_memory=cfg.gpu_memory,
+        adapters=tuple(sorted(cfg.adapters.items())),
     )
 
 
@@ -258,6 +267,7 @@ ENGINES = EngineRegistry(
             takes_engine_args=True,
             check=_vllm_check,
             available=_vllm_available,
+            lora_flag="--enable-lora",
         ),
     ),
     coming={},

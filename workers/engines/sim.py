@@ -76,6 +76,8 @@ class SimEngine:
                 seed, prompt, limit = str(comp.prompt), _count_words(comp.prompt), comp.max_tokens
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
             raise InvalidRequest(f"invalid request: {e}") from None
+        if (chat.n if job.endpoint is Endpoint.CHAT else comp.n) > 1:
+            raise InvalidRequest("the sim engine answers with one choice: n must be 1", param="n")
         n = limit if limit is not None else self.settings.max_tokens
         return seed, prompt, n, limit
 

@@ -30,8 +30,9 @@ import asyncio
 import contextlib
 import io
 import logging
+import os
 from argparse import Namespace
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,9 @@ from workers.engines.openai_bridge import ChunkProbe, split_lines
 log = logging.getLogger(__name__)
 
 _PATHS = {Endpoint.CHAT: "/v1/chat/completions", Endpoint.COMPLETION: "/v1/completions"}
+# vLLM adds its adapter routes to the app only with this set; the app is never exposed
+# over HTTP here, so they are reachable only by the worker itself.
+_RUNTIME_LORA = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 _PROG = "vllm serve"
 # How long a disconnected call may take to wind down (vLLM aborts it) before it is cancelled.
 _DISCONNECT_GRACE = 2.0
@@ -57,6 +61,7 @@ class VllmSettings:
     model_path: str | None = None
     engine_args: tuple[str, ...] = ()
     gpu_memory: float = 0.0  # fraction of one GPU; 0: leave vLLM's default (CPU)
+    adapters: tuple[tuple[str, str], ...] = ()  # LoRA (name, path), loaded at start
 
 
 def vllm_argv(settings: VllmSettings) -> list[str]:
@@ -71,6 +76,10 @@ def vllm_argv(settings: VllmSettings) -> list[str]:
         for a in settings.engine_args
     ):
         argv.append(f"--gpu-memory-utilization={settings.gpu_memory:g}")
+    if settings.adapters:
+        if "--enable-lora" not in argv:
+            argv.append("--enable-lora")
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in settings.adapters)]
     argv.append(f"--served-model-name={settings.model}")
     return argv
 
@@ -106,6 +115,10 @@ def check_args(settings: VllmSettings) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     args = parse_args(vllm_argv(settings))
+    if settings.model_path and not os.path.isdir(settings.model_path):
+        # Building the engine args resolves the model: a path on the nodes (not here)
+        # or a hub id is theirs to resolve, and a failure there ends the load Failed.
+        return
     try:
         AsyncEngineArgs.from_cli_args(args)
     except (TypeError, ValueError) as e:
@@ -191,6 +204,9 @@ class VllmEngine:
         self._stats = _Stats()
         self._calls: dict[str, _Call] = {}
         self._capacity = 0
+        self.adapters: dict[str, str] = dict(settings.adapters)  # loaded: name -> path
+        self.phase = ""  # what start() is doing, for the worker's starting heartbeats
+        self._adapter_lock = asyncio.Lock()
 
     async def start(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -207,8 +223,14 @@ class VllmEngine:
 
             propagate_flash_late_interaction(args, engine_args)
         usage = UsageContext.OPENAI_API_SERVER
-        config = engine_args.create_engine_config(usage_context=usage)
-        engine = AsyncLLM.from_vllm_config(
+        # Both block for long (config from disk or hub; weights, memory profiling and
+        # warm-up in the engine core): off the event loop, so the worker's starting
+        # heartbeats say which phase it is in.
+        self.phase = "resolving the model and its config"
+        config = await asyncio.to_thread(engine_args.create_engine_config, usage_context=usage)
+        self.phase = "loading weights, profiling memory, warming up (vLLM engine core)"
+        engine = await asyncio.to_thread(
+            AsyncLLM.from_vllm_config,
             vllm_config=config,
             usage_context=usage,
             stat_loggers=[_stat_logger_factory(self._stats)],
@@ -216,10 +238,13 @@ class VllmEngine:
             aggregate_engine_logging=engine_args.aggregate_engine_logging,
             disable_log_stats=engine_args.disable_log_stats,
         )
+        self.phase = "starting vLLM's OpenAI server app"
         self._stack.callback(engine.shutdown, timeout=config.shutdown_timeout)
         self._engine = engine
         await engine.reset_mm_cache()
         tasks = await engine.get_supported_tasks()
+        if args.enable_lora:
+            os.environ[_RUNTIME_LORA] = "True"
         app = build_app(args, tasks, engine.model_config)
         await init_app_state(engine, app.state, args, tasks)
         # The app's lifespan logs engine stats periodically, as vLLM's server does.
@@ -262,13 +287,41 @@ class VllmEngine:
         self._engine = None
         await self._stack.aclose()
 
-    async def generate(self, job: Job) -> AsyncIterator[Output]:
-        path = _PATHS.get(job.endpoint)
-        if path is None:
-            raise EngineError(f"the vllm engine does not serve {job.endpoint.value}", status=400)
+    async def set_adapters(self, wanted: Mapping[str, str]) -> None:
+        """Load and unload LoRA adapters until exactly ``wanted`` is loaded (vLLM's own
+        adapter routes, in-process). A failure is vLLM's error, with its status."""
+        async with self._adapter_lock:
+            for name in [n for n in self.adapters if n not in wanted]:
+                await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+                del self.adapters[name]
+                log.info("unloaded LoRA adapter %s", name)
+            for name, path in wanted.items():
+                if self.adapters.get(name) == path:
+                    continue
+                if name in self.adapters:  # same name, new path: replace it
+                    await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+                    del self.adapters[name]
+                await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+                self.adapters[name] = path
+                log.info("loaded LoRA adapter %s from %s", name, path)
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> bytes:
         if self._app is None:
             raise Unavailable("the vLLM engine is not running")
-        call = _Call(job.body)
+        call = _Call(msgspec.json.encode(payload))
+        call.disconnected.set()  # nothing to stream: the app may see the end at once
+        task = asyncio.create_task(self._run(path, call))
+        start = await call.sent.get()
+        body = b"".join([chunk async for chunk in _body(call)])
+        await task
+        if start is None:
+            raise EngineError(f"vLLM returned no response to {path}")
+        if int(start["status"]) >= 400:
+            raise _error(int(start["status"]), body)
+        return body
+
+    async def _run(self, path: str, call: _Call) -> None:
+        """One in-process ASGI call of vLLM's app; ``None`` on ``call.sent`` ends it."""
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -279,19 +332,24 @@ class VllmEngine:
             "raw_path": path.encode(),
             "root_path": "",
             "query_string": b"",
-            "headers": [*self._headers, (b"content-length", str(len(job.body)).encode())],
+            "headers": [*self._headers, (b"content-length", str(len(call.body)).encode())],
             "client": ("127.0.0.1", 0),
             "server": ("nebula-worker", 0),
         }
+        try:
+            await self._app(scope, call.receive, call.send)
+        finally:
+            call.sent.put_nowait(None)
 
-        async def run() -> None:
-            try:
-                await self._app(scope, call.receive, call.send)
-            finally:
-                call.sent.put_nowait(None)
-
+    async def generate(self, job: Job) -> AsyncIterator[Output]:
+        path = _PATHS.get(job.endpoint)
+        if path is None:
+            raise EngineError(f"the vllm engine does not serve {job.endpoint.value}", status=400)
+        if self._app is None:
+            raise Unavailable("the vLLM engine is not running")
+        call = _Call(job.body)
         self._calls[job.request_id] = call
-        task = asyncio.create_task(run())
+        task = asyncio.create_task(self._run(path, call))
         try:
             start = await call.sent.get()
             if start is None:
