@@ -522,7 +522,9 @@ async def test_disconnect_aborts_in_the_engine(deployment: Deployment) -> None:
         "model": MODEL,
         "prompt": "count",
         "max_tokens": MAX_LEN - 8,
-        "n": 3,  # three sequences: seconds of work even on an idle machine
+        # Six sequences of the whole context: longer than the checks below take, so the
+        # engine's count can only drop that fast by an abort.
+        "n": MAX_SEQS,
         "stream": True,
         "ignore_eos": True,
         "temperature": 1.0,  # vLLM allows n > 1 only when sampling
@@ -532,7 +534,10 @@ async def test_disconnect_aborts_in_the_engine(deployment: Deployment) -> None:
         async with http.stream("POST", "/completions", json=body) as r:
             assert r.status_code == 200
             seen = 0
-            async for line in r.aiter_lines():
+            # Held until the client leaves: an abandoned iterator is finalized, and that
+            # closes the connection (a disconnect before the check).
+            lines = r.aiter_lines()
+            async for line in lines:
                 seen += line.startswith("data:")
                 if seen >= 5:
                     break
@@ -540,6 +545,7 @@ async def test_disconnect_aborts_in_the_engine(deployment: Deployment) -> None:
             await _wait(
                 lambda: _engine_running(deployment, lambda n: n >= 1), 10, "the engine to run it"
             )
+            await lines.aclose()
         t0 = time.monotonic()  # the client is gone
     await _wait(lambda: _engine_running(deployment, lambda n: n == 0), 5, "the engine to abort")
     dropped = time.monotonic() - t0
