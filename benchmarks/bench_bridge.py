@@ -1,0 +1,297 @@
+"""The `openai` bridge engine: a fast OpenAI-compatible backend served directly versus
+the same backend behind Nebula (gateway -> NATS -> worker --engine openai), one run,
+alternating rounds.
+
+    python benchmarks/bench_bridge.py                # prints markdown tables
+
+The backend is SIMULATED: a raw ASGI app on uvicorn (httptools, uvloop) that streams a
+role chunk, 16 one-word content chunks and a finish chunk at once, so what is measured
+is the cost of the path, not of a model. TTFT at concurrency 1 comes from a lean
+Python client (asyncio + httptools, keep-alive); throughput at concurrency 32 from wrk.
+Backend, gateway, worker, nats-server and the load generator share this machine's
+cores; the CPU each process spent per request during the fabric's wrk run is printed
+too (from /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvloop
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_fabric import _Conn, pct, wrk  # noqa: E402
+
+from nebula import procs  # noqa: E402
+from nebula.embedded import EmbeddedNats  # noqa: E402
+from nebula.settings import EmbeddedNatsSettings  # noqa: E402
+
+MODEL = "bench-upstream"
+CHUNKS = 16
+CONCURRENCY = 32
+
+# --- the SIMULATED backend (runs in its own process: `--serve-backend PORT`) ----------
+
+
+def _stream_events(model: bytes, chat: bool, include_usage: bool) -> list[bytes]:
+    obj = b"chat.completion.chunk" if chat else b"text_completion"
+    head = (
+        b'data: {"id":"cmpl-sim","object":"' + obj + b'","created":1,"model":"' + model + b'",'
+        b'"choices":[{"index":0,' + (b'"delta":' if chat else b'"text":')
+    )
+    tail = b',"logprobs":null,"finish_reason":null}]}\n\n'
+    words = [b"w%d " % i for i in range(CHUNKS)]
+    out = [head + b'{"role":"assistant","content":""}' + tail] if chat else []
+    for w in words:
+        piece = b'{"content":"' + w + b'"}' if chat else b'"' + w + b'"'
+        out.append(head + piece + tail)
+    out.append(
+        head + (b"{}" if chat else b'""') + b',"logprobs":null,"finish_reason":"length"}]}\n\n'
+    )
+    if include_usage:
+        out.append(
+            b'data: {"id":"cmpl-sim","object":"' + obj + b'","created":1,"model":"' + model
+            + b'","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":%d,'
+            b'"total_tokens":%d}}\n\n' % (CHUNKS, CHUNKS + 5)
+        )  # fmt: skip
+    out.append(b"data: [DONE]\n\n")
+    return out
+
+
+def _full(model: str, chat: bool) -> bytes:
+    text = "".join(f"w{i} " for i in range(CHUNKS))
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+    else:
+        choice["text"] = text
+    return json.dumps(
+        {
+            "id": "cmpl-sim",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": 1,
+            "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 5, "completion_tokens": CHUNKS, "total_tokens": CHUNKS + 5},
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+_SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+async def backend(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A raw ASGI OpenAI-compatible server: as little work per request as possible."""
+    if scope["type"] == "lifespan":
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    path: str = scope["path"]
+    if scope["method"] == "GET" and path.endswith("/models"):
+        body = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": body.encode()})
+        return
+    raw = b""
+    more = True
+    while more:
+        msg = await receive()
+        raw += msg.get("body", b"")
+        more = msg.get("more_body", False)
+    req = json.loads(raw)
+    chat = path.endswith("/chat/completions")
+    if not req.get("stream"):
+        await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": _full(req["model"], chat)})
+        return
+    usage = bool((req.get("stream_options") or {}).get("include_usage"))
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+    for event in _stream_events(req["model"].encode(), chat, usage):
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def serve_backend(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        backend,
+        host="127.0.0.1",
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+def request_body(stream: bool = True) -> bytes:
+    return json.dumps(
+        {
+            "model": MODEL,
+            "stream": stream,
+            "max_tokens": CHUNKS,
+            "messages": [{"role": "user", "content": "bridge benchmark"}],
+        }
+    ).encode()
+
+
+async def ttft(base: str, path: str, n: int) -> tuple[float, float]:
+    """TTFT p50, p99 (ms) of ``n`` sequential streaming requests on one keep-alive conn."""
+    b = request_body()
+    host, port = base.removeprefix("http://").split(":")
+    request = (
+        b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (path.encode(), host.encode(), len(b))
+    ) + b
+    conn = _Conn(*await asyncio.open_connection(host, int(port)))
+    firsts: list[float] = []
+    try:
+        for i in range(n + 10):
+            first, _ = await conn.post(request)
+            if i >= 10:  # warm-up
+                firsts.append(first * 1e3)
+    finally:
+        conn.writer.close()
+    return pct(firsts, 50), pct(firsts, 99)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wait_ready(url: str, model: str) -> None:
+    async with httpx.AsyncClient() as http:
+        for _ in range(300):
+            try:
+                if model in (await http.get(url)).text:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"{url} never listed {model}")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+    ap.add_argument("--seconds", type=int, default=5, help="wrk duration per measurement")
+    ap.add_argument("--requests", type=int, default=300, help="TTFT requests per measurement")
+    ap.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="nebula-bench-bridge-"))
+    base_port = 19000 + os.getpid() % 500 * 2
+    upstream = f"http://127.0.0.1:{base_port}"
+    gateway = f"http://127.0.0.1:{base_port + 1}"
+    async with EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats")) as nats:
+        env = {"NEBULA_NATS_URL": nats.url}
+        be = await procs.spawn(
+            [sys.executable, __file__, "--serve-backend", str(base_port)],
+            log_file=tmp / "backend.log",
+        )
+        gw = await procs.spawn(
+            procs.nebula_argv("gateway", "--port", str(base_port + 1)),
+            env=env,
+            log_file=tmp / "gateway.log",
+        )
+        wk = await procs.spawn(
+            procs.nebula_argv(
+                "worker",
+                "--model",
+                MODEL,
+                "--engine",
+                "openai",
+                "--upstream-url",
+                upstream + "/v1",
+                "--max-concurrency",
+                "64",
+            ),
+            env=env,
+            log_file=tmp / "worker.log",
+        )
+        rounds: list[dict[str, Any]] = []
+        try:
+            await wait_ready(upstream + "/v1/models", MODEL)
+            await wait_ready(gateway + "/v1/models", MODEL)
+            path = "/v1/chat/completions"
+            wrk(upstream, CONCURRENCY, 1, request_body())  # warm both paths
+            wrk(gateway, CONCURRENCY, 1, request_body())
+            for _ in range(args.rounds):
+                r: dict[str, Any] = {}
+                r["d_ttft"] = await ttft(upstream, path, args.requests)
+                r["n_ttft"] = await ttft(gateway, path, args.requests)
+                r["d_wrk"] = wrk(upstream, CONCURRENCY, args.seconds, request_body())
+                pids = {"backend": be.pid, "gateway": gw.pid, "worker": wk.pid}
+                assert nats.proc is not None
+                pids["nats-server"] = nats.proc.pid
+                before = {k: cpu_seconds(p) for k, p in pids.items()}
+                r["n_wrk"] = wrk(gateway, CONCURRENCY, args.seconds, request_body())
+                n = max(1, r["n_wrk"]["requests"])
+                r["cpu"] = {k: (cpu_seconds(p) - before[k]) / n * 1e3 for k, p in pids.items()}
+                rounds.append(r)
+        finally:
+            await procs.stop(wk)
+            await procs.stop(gw)
+            await procs.stop(be)
+
+    print(
+        f"\n`openai` bridge benchmark: SIMULATED OpenAI-compatible backend (raw ASGI on "
+        f"uvicorn, {CHUNKS} content chunks per stream), direct vs through Nebula; "
+        f"{os.cpu_count()} cores shared by backend, gateway, worker, nats-server and client\n"
+    )
+    print(
+        "| round | TTFT p50 / p99 direct (ms) | TTFT p50 / p99 Nebula (ms) | added p50 (ms) | "
+        f"req/s direct c={CONCURRENCY} | req/s Nebula c={CONCURRENCY} | ratio | "
+        "wrk p50 / p99 Nebula (ms) | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(rounds, 1):
+        d, n, dw, nw = r["d_ttft"], r["n_ttft"], r["d_wrk"], r["n_wrk"]
+        print(
+            f"| {i} | {d[0]:.2f} / {d[1]:.2f} | {n[0]:.2f} / {n[1]:.2f} | {n[0] - d[0]:.2f} | "
+            f"{dw['rps']:.0f} | {nw['rps']:.0f} | {nw['rps'] / dw['rps']:.2f}x | "
+            f"{nw['p50']:.2f} / {nw['p99']:.2f} | {int(dw['errors'] + nw['errors'])} |"
+        )
+    print("\nCPU per request through Nebula (ms, during its wrk run):\n")
+    names = list(rounds[0]["cpu"])
+    print("| round | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for i, r in enumerate(rounds, 1):
+        print(f"| {i} | " + " | ".join(f"{r['cpu'][k]:.2f}" for k in names) + " |")
+    added = [r["n_ttft"][0] - r["d_ttft"][0] for r in rounds]
+    ratio = [r["n_wrk"]["rps"] / r["d_wrk"]["rps"] for r in rounds]
+    print(
+        f"\nadded TTFT p50 {min(added):.2f}-{max(added):.2f} ms; "
+        f"Nebula/direct req/s at c={CONCURRENCY} {min(ratio):.2f}-{max(ratio):.2f}x"
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if "--serve-backend" in sys.argv:
+        serve_backend(int(sys.argv[sys.argv.index("--serve-backend") + 1]))
+    else:
+        uvloop.run(main())
