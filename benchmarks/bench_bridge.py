@@ -4,13 +4,18 @@ alternating rounds.
 
     python benchmarks/bench_bridge.py                # prints markdown tables
 
-The backend is SIMULATED: a raw ASGI app on uvicorn (httptools, uvloop) that streams a
-role chunk, 16 one-word content chunks and a finish chunk at once, so what is measured
-is the cost of the path, not of a model. TTFT at concurrency 1 comes from a lean
-Python client (asyncio + httptools, keep-alive); throughput at concurrency 32 from wrk.
-Backend, gateway, worker, nats-server and the load generator share this machine's
-cores; the CPU each process spent per request during the fabric's wrk run is printed
-too (from /proc).
+Two SIMULATED backends, each streaming a role chunk, 16 one-word content chunks and a
+finish chunk at once, so what is measured is the cost of the path, not of a model:
+
+- ``raw``: a raw ASGI app on uvicorn (httptools, uvloop), about as fast as a Python
+  HTTP server gets: the hardest comparison for any proxy;
+- ``fastapi``: the same answers from a FastAPI route returning a ``StreamingResponse``,
+  the shape of vLLM's own API server and of most Python OpenAI-compatible servers.
+
+TTFT at concurrency 1 comes from a lean Python client (asyncio + httptools,
+keep-alive); throughput at concurrency 32 from wrk. Backend, gateway, worker,
+nats-server and the load generator share this machine's cores; the CPU each process
+spent per request during the fabric's wrk run is printed too (from /proc).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 
 import httpx
 import uvloop
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,7 +45,7 @@ from nebula import procs  # noqa: E402
 from nebula.embedded import EmbeddedNats  # noqa: E402
 from nebula.settings import EmbeddedNatsSettings  # noqa: E402
 
-MODEL = "bench-upstream"
+BACKENDS = ("raw", "fastapi")
 CHUNKS = 16
 CONCURRENCY = 32
 
@@ -106,7 +113,7 @@ async def backend(scope: dict[str, Any], receive: Any, send: Any) -> None:
                 return
     path: str = scope["path"]
     if scope["method"] == "GET" and path.endswith("/models"):
-        body = json.dumps({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        body = json.dumps({"object": "list", "data": [{"id": "any", "object": "model"}]})
         await send({"type": "http.response.start", "status": 200, "headers": _JSON_HEADERS})
         await send({"type": "http.response.body", "body": body.encode()})
         return
@@ -129,11 +136,42 @@ async def backend(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-def serve_backend(port: int) -> None:
+def fastapi_backend() -> Any:
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [{"id": "any", "object": "model"}]})
+
+    async def answer(request: Request, chat: bool) -> Response:
+        req = await request.json()
+        if not req.get("stream"):
+            return Response(_full(req["model"], chat), media_type="application/json")
+        usage = bool((req.get("stream_options") or {}).get("include_usage"))
+        events = _stream_events(req["model"].encode(), chat, usage)
+
+        async def gen() -> Any:
+            for event in events:
+                yield event
+
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        return await answer(request, True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await answer(request, False)
+
+    return app
+
+
+def serve_backend(kind: str, port: int) -> None:
     import uvicorn
 
     uvicorn.run(
-        backend,
+        backend if kind == "raw" else fastapi_backend(),
         host="127.0.0.1",
         port=port,
         loop="uvloop",
@@ -146,10 +184,10 @@ def serve_backend(port: int) -> None:
 # --- measuring -------------------------------------------------------------------------
 
 
-def request_body(stream: bool = True) -> bytes:
+def request_body(model: str, stream: bool = True) -> bytes:
     return json.dumps(
         {
-            "model": MODEL,
+            "model": model,
             "stream": stream,
             "max_tokens": CHUNKS,
             "messages": [{"role": "user", "content": "bridge benchmark"}],
@@ -157,9 +195,10 @@ def request_body(stream: bool = True) -> bytes:
     ).encode()
 
 
-async def ttft(base: str, path: str, n: int) -> tuple[float, float]:
+async def ttft(base: str, model: str, n: int) -> tuple[float, float]:
     """TTFT p50, p99 (ms) of ``n`` sequential streaming requests on one keep-alive conn."""
-    b = request_body()
+    b = request_body(model)
+    path = "/v1/chat/completions"
     host, port = base.removeprefix("http://").split(":")
     request = (
         b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
@@ -194,104 +233,129 @@ async def wait_ready(url: str, model: str) -> None:
     raise SystemExit(f"{url} never listed {model}")
 
 
+def model_of(kind: str) -> str:
+    return f"bench-{kind}"
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per measurement")
     ap.add_argument("--requests", type=int, default=300, help="TTFT requests per measurement")
-    ap.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="raw,fastapi or one of them")
     args = ap.parse_args()
+    kinds = [k for k in args.backends.split(",") if k]
+    if not kinds or set(kinds) - set(BACKENDS):
+        raise SystemExit(f"--backends takes {','.join(BACKENDS)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="nebula-bench-bridge-"))
-    base_port = 19000 + os.getpid() % 500 * 2
-    upstream = f"http://127.0.0.1:{base_port}"
-    gateway = f"http://127.0.0.1:{base_port + 1}"
+    base_port = 19000 + os.getpid() % 300 * 3
+    gateway = f"http://127.0.0.1:{base_port}"
+    upstream = {k: f"http://127.0.0.1:{base_port + 1 + i}" for i, k in enumerate(BACKENDS)}
+    children: list[asyncio.subprocess.Process] = []
     async with EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats")) as nats:
         env = {"NEBULA_NATS_URL": nats.url}
-        be = await procs.spawn(
-            [sys.executable, __file__, "--serve-backend", str(base_port)],
-            log_file=tmp / "backend.log",
-        )
-        gw = await procs.spawn(
-            procs.nebula_argv("gateway", "--port", str(base_port + 1)),
-            env=env,
-            log_file=tmp / "gateway.log",
-        )
-        wk = await procs.spawn(
-            procs.nebula_argv(
-                "worker",
-                "--model",
-                MODEL,
-                "--engine",
-                "openai",
-                "--upstream-url",
-                upstream + "/v1",
-                "--max-concurrency",
-                "64",
-            ),
-            env=env,
-            log_file=tmp / "worker.log",
-        )
-        rounds: list[dict[str, Any]] = []
+        assert nats.proc is not None
+        pids = {"nats-server": nats.proc.pid}
+        rows: list[tuple[str, dict[str, Any]]] = []
         try:
-            await wait_ready(upstream + "/v1/models", MODEL)
-            await wait_ready(gateway + "/v1/models", MODEL)
-            path = "/v1/chat/completions"
-            wrk(upstream, CONCURRENCY, 1, request_body())  # warm both paths
-            wrk(gateway, CONCURRENCY, 1, request_body())
+            gw = await procs.spawn(
+                procs.nebula_argv("gateway", "--port", str(base_port)),
+                env=env,
+                log_file=tmp / "gateway.log",
+            )
+            children.append(gw)
+            pids["gateway"] = gw.pid
+            for k in kinds:
+                be = await procs.spawn(
+                    [sys.executable, __file__, "--serve-backend", k, upstream[k].rsplit(":", 1)[1]],
+                    log_file=tmp / f"backend-{k}.log",
+                )
+                children.append(be)
+                pids[f"backend-{k}"] = be.pid
+            for k in kinds:
+                # A bridge worker checks its upstream once at start: backends first.
+                await wait_ready(upstream[k] + "/v1/models", "any")
+                wk = await procs.spawn(
+                    procs.nebula_argv(
+                        "worker",
+                        "--model",
+                        model_of(k),
+                        "--engine",
+                        "openai",
+                        "--upstream-url",
+                        upstream[k] + "/v1",
+                        "--max-concurrency",
+                        "64",
+                    ),
+                    env=env,
+                    log_file=tmp / f"worker-{k}.log",
+                )
+                children.append(wk)
+                pids[f"worker-{k}"] = wk.pid
+            for k in kinds:
+                await wait_ready(gateway + "/v1/models", model_of(k))
+                wrk(upstream[k], CONCURRENCY, 1, request_body(model_of(k)))  # warm both paths
+                wrk(gateway, CONCURRENCY, 1, request_body(model_of(k)))
             for _ in range(args.rounds):
-                r: dict[str, Any] = {}
-                r["d_ttft"] = await ttft(upstream, path, args.requests)
-                r["n_ttft"] = await ttft(gateway, path, args.requests)
-                r["d_wrk"] = wrk(upstream, CONCURRENCY, args.seconds, request_body())
-                pids = {"backend": be.pid, "gateway": gw.pid, "worker": wk.pid}
-                assert nats.proc is not None
-                pids["nats-server"] = nats.proc.pid
-                before = {k: cpu_seconds(p) for k, p in pids.items()}
-                r["n_wrk"] = wrk(gateway, CONCURRENCY, args.seconds, request_body())
-                n = max(1, r["n_wrk"]["requests"])
-                r["cpu"] = {k: (cpu_seconds(p) - before[k]) / n * 1e3 for k, p in pids.items()}
-                rounds.append(r)
+                for k in kinds:
+                    m = model_of(k)
+                    r: dict[str, Any] = {}
+                    r["d_ttft"] = await ttft(upstream[k], m, args.requests)
+                    r["n_ttft"] = await ttft(gateway, m, args.requests)
+                    r["d_wrk"] = wrk(upstream[k], CONCURRENCY, args.seconds, request_body(m))
+                    mine = {"backend": f"backend-{k}", "worker": f"worker-{k}"}
+                    mine |= {"gateway": "gateway", "nats-server": "nats-server"}
+                    before = {n: cpu_seconds(pids[p]) for n, p in mine.items()}
+                    r["n_wrk"] = wrk(gateway, CONCURRENCY, args.seconds, request_body(m))
+                    n = max(1, r["n_wrk"]["requests"])
+                    r["cpu"] = {
+                        n_: (cpu_seconds(pids[p]) - before[n_]) / n * 1e3 for n_, p in mine.items()
+                    }
+                    rows.append((k, r))
         finally:
-            await procs.stop(wk)
-            await procs.stop(gw)
-            await procs.stop(be)
+            for child in reversed(children):
+                await procs.stop(child)
 
     print(
-        f"\n`openai` bridge benchmark: SIMULATED OpenAI-compatible backend (raw ASGI on "
-        f"uvicorn, {CHUNKS} content chunks per stream), direct vs through Nebula; "
+        f"\n`openai` bridge benchmark: SIMULATED OpenAI-compatible backends ({CHUNKS} content "
+        "chunks per stream), direct vs through Nebula, alternating rounds; "
         f"{os.cpu_count()} cores shared by backend, gateway, worker, nats-server and client\n"
     )
     print(
-        "| round | TTFT p50 / p99 direct (ms) | TTFT p50 / p99 Nebula (ms) | added p50 (ms) | "
+        "| backend | TTFT p50 / p99 direct (ms) | TTFT p50 / p99 Nebula (ms) | added p50 (ms) | "
         f"req/s direct c={CONCURRENCY} | req/s Nebula c={CONCURRENCY} | ratio | "
         "wrk p50 / p99 Nebula (ms) | errors |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for i, r in enumerate(rounds, 1):
+    for k, r in rows:
         d, n, dw, nw = r["d_ttft"], r["n_ttft"], r["d_wrk"], r["n_wrk"]
         print(
-            f"| {i} | {d[0]:.2f} / {d[1]:.2f} | {n[0]:.2f} / {n[1]:.2f} | {n[0] - d[0]:.2f} | "
+            f"| {k} | {d[0]:.2f} / {d[1]:.2f} | {n[0]:.2f} / {n[1]:.2f} | {n[0] - d[0]:.2f} | "
             f"{dw['rps']:.0f} | {nw['rps']:.0f} | {nw['rps'] / dw['rps']:.2f}x | "
             f"{nw['p50']:.2f} / {nw['p99']:.2f} | {int(dw['errors'] + nw['errors'])} |"
         )
     print("\nCPU per request through Nebula (ms, during its wrk run):\n")
-    names = list(rounds[0]["cpu"])
-    print("| round | " + " | ".join(names) + " |")
+    names = list(rows[0][1]["cpu"])
+    print("| backend | " + " | ".join(names) + " |")
     print("|---" * (len(names) + 1) + "|")
-    for i, r in enumerate(rounds, 1):
-        print(f"| {i} | " + " | ".join(f"{r['cpu'][k]:.2f}" for k in names) + " |")
-    added = [r["n_ttft"][0] - r["d_ttft"][0] for r in rounds]
-    ratio = [r["n_wrk"]["rps"] / r["d_wrk"]["rps"] for r in rounds]
-    print(
-        f"\nadded TTFT p50 {min(added):.2f}-{max(added):.2f} ms; "
-        f"Nebula/direct req/s at c={CONCURRENCY} {min(ratio):.2f}-{max(ratio):.2f}x"
-    )
+    for k, r in rows:
+        print(f"| {k} | " + " | ".join(f"{r['cpu'][n_]:.2f}" for n_ in names) + " |")
+    print()
+    for k in kinds:
+        mine_rows = [r for kk, r in rows if kk == k]
+        added = [r["n_ttft"][0] - r["d_ttft"][0] for r in mine_rows]
+        ratio = [r["n_wrk"]["rps"] / r["d_wrk"]["rps"] for r in mine_rows]
+        print(
+            f"{k}: added TTFT p50 {min(added):.2f}-{max(added):.2f} ms; "
+            f"Nebula/direct req/s at c={CONCURRENCY} {min(ratio):.2f}-{max(ratio):.2f}x"
+        )
     shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
     if "--serve-backend" in sys.argv:
-        serve_backend(int(sys.argv[sys.argv.index("--serve-backend") + 1]))
+        i = sys.argv.index("--serve-backend")
+        serve_backend(sys.argv[i + 1], int(sys.argv[i + 2]))
     else:
         uvloop.run(main())
