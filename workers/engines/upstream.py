@@ -186,6 +186,11 @@ class Connection(asyncio.Protocol):
         return b"".join(parts)
 
     @property
+    def buffered(self) -> int:
+        """Body bytes received and not yet read."""
+        return self._buffered
+
+    @property
     def reusable(self) -> bool:
         return (
             self._complete
@@ -230,6 +235,7 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self._idle: list[Connection] = []
+        self.busy: set[Connection] = set()  # exchanges under way (observable in tests)
         self._closed = False
 
     def build(self, method: bytes, path: bytes, body: bytes | None = None) -> bytes:
@@ -268,6 +274,11 @@ class Pool:
         (always, also on errors: an unfinished exchange closes it)."""
         if self._closed:
             raise UpstreamClosed("the upstream pool is closed")
+        conn = await self._request(request, timeout)
+        self.busy.add(conn)
+        return conn
+
+    async def _request(self, request: bytes, timeout: float) -> Connection:
         while self._idle:
             conn = self._idle.pop()
             if conn.closed:
@@ -294,6 +305,7 @@ class Pool:
         return conn
 
     def release(self, conn: Connection) -> None:
+        self.busy.discard(conn)
         if conn.reusable and not self._closed and len(self._idle) < self.max_idle:
             self._idle.append(conn)
         else:
@@ -302,7 +314,7 @@ class Pool:
     async def close(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn in idle + list(self.busy):
             conn.close()
         with contextlib.suppress(Exception):
             await asyncio.sleep(0)  # let the transports run their close callbacks
