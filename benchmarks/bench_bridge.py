@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ from bench_fabric import _Conn, pct, wrk  # noqa: E402
 
 from nebula import procs  # noqa: E402
 from nebula.embedded import EmbeddedNats  # noqa: E402
-from nebula.settings import EmbeddedNatsSettings  # noqa: E402
+from nebula.protocol import Endpoint  # noqa: E402
+from nebula.settings import EmbeddedNatsSettings, OpenAIUpstreamSettings  # noqa: E402
+from workers.engines.base import Job  # noqa: E402
+from workers.engines.openai_bridge import OpenAIEngine  # noqa: E402
 
 BACKENDS = ("raw", "fastapi")
 CHUNKS = 16
@@ -237,6 +241,35 @@ def model_of(kind: str) -> str:
     return f"bench-{kind}"
 
 
+async def engine_alone(url: str, model: str, conc: int, per_user: int) -> tuple[float, float]:
+    """The bridge engine called in this process, no fabric: (req/s, CPU ms per request)."""
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=url + "/v1"), max_concurrency=conc)
+    await engine.start()
+    job = Job(
+        request_id="x",
+        model=model,
+        endpoint=Endpoint.CHAT,
+        body=request_body(model),
+        stream=True,
+        include_usage=False,
+    )
+
+    async def user(k: int) -> None:
+        for _ in range(k):
+            async for _out in engine.generate(job):
+                pass
+
+    try:
+        await user(20)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*[user(per_user) for _ in range(conc)])
+        cpu1, t1 = time.process_time(), time.perf_counter()
+    finally:
+        await engine.stop()
+    n = conc * per_user
+    return n / (t1 - t0), (cpu1 - cpu0) / n * 1e3
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds")
@@ -253,46 +286,41 @@ async def main() -> None:
     gateway = f"http://127.0.0.1:{base_port}"
     upstream = {k: f"http://127.0.0.1:{base_port + 1 + i}" for i, k in enumerate(BACKENDS)}
     children: list[asyncio.subprocess.Process] = []
+    rows: list[tuple[str, dict[str, Any]]] = []
+    sims: list[dict[str, Any]] = []
     async with EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats")) as nats:
         env = {"NEBULA_NATS_URL": nats.url}
         assert nats.proc is not None
         pids = {"nats-server": nats.proc.pid}
-        rows: list[tuple[str, dict[str, Any]]] = []
+
+        async def spawn(name: str, argv: list[str], **kw: Any) -> None:
+            child = await procs.spawn(argv, log_file=tmp / f"{name}.log", **kw)
+            children.append(child)
+            pids[name] = child.pid
+
         try:
-            gw = await procs.spawn(
-                procs.nebula_argv("gateway", "--port", str(base_port)),
+            await spawn("gateway", procs.nebula_argv("gateway", "--port", str(base_port)), env=env)
+            # The fabric alone, for reference: a sim engine with the same 16-token shape.
+            sim = ["--engine", "sim", "--max-tokens", str(CHUNKS), "--max-concurrency", "64"]
+            await spawn(
+                "worker-sim",
+                procs.nebula_argv("worker", "--model", model_of("sim"), *sim),
                 env=env,
-                log_file=tmp / "gateway.log",
             )
-            children.append(gw)
-            pids["gateway"] = gw.pid
             for k in kinds:
-                be = await procs.spawn(
-                    [sys.executable, __file__, "--serve-backend", k, upstream[k].rsplit(":", 1)[1]],
-                    log_file=tmp / f"backend-{k}.log",
-                )
-                children.append(be)
-                pids[f"backend-{k}"] = be.pid
+                port = upstream[k].rsplit(":", 1)[1]
+                await spawn(f"backend-{k}", [sys.executable, __file__, "--serve-backend", k, port])
             for k in kinds:
                 # A bridge worker checks its upstream once at start: backends first.
                 await wait_ready(upstream[k] + "/v1/models", "any")
-                wk = await procs.spawn(
-                    procs.nebula_argv(
-                        "worker",
-                        "--model",
-                        model_of(k),
-                        "--engine",
-                        "openai",
-                        "--upstream-url",
-                        upstream[k] + "/v1",
-                        "--max-concurrency",
-                        "64",
-                    ),
+                bridge = ["--engine", "openai", "--upstream-url", upstream[k] + "/v1"]
+                bridge += ["--max-concurrency", "64"]
+                await spawn(
+                    f"worker-{k}",
+                    procs.nebula_argv("worker", "--model", model_of(k), *bridge),
                     env=env,
-                    log_file=tmp / f"worker-{k}.log",
                 )
-                children.append(wk)
-                pids[f"worker-{k}"] = wk.pid
+            await wait_ready(gateway + "/v1/models", model_of("sim"))
             for k in kinds:
                 await wait_ready(gateway + "/v1/models", model_of(k))
                 wrk(upstream[k], CONCURRENCY, 1, request_body(model_of(k)))  # warm both paths
@@ -312,7 +340,15 @@ async def main() -> None:
                     r["cpu"] = {
                         n_: (cpu_seconds(pids[p]) - before[n_]) / n * 1e3 for n_, p in mine.items()
                     }
+                    r["alone"] = await engine_alone(upstream[k], m, CONCURRENCY, 50)
                     rows.append((k, r))
+                m = model_of("sim")
+                sims.append(
+                    {
+                        "ttft": await ttft(gateway, m, args.requests),
+                        "wrk": wrk(gateway, CONCURRENCY, args.seconds, request_body(m)),
+                    }
+                )
         finally:
             for child in reversed(children):
                 await procs.stop(child)
@@ -335,12 +371,23 @@ async def main() -> None:
             f"{dw['rps']:.0f} | {nw['rps']:.0f} | {nw['rps'] / dw['rps']:.2f}x | "
             f"{nw['p50']:.2f} / {nw['p99']:.2f} | {int(dw['errors'] + nw['errors'])} |"
         )
-    print("\nCPU per request through Nebula (ms, during its wrk run):\n")
+    for s_ in sims:
+        t, w = s_["ttft"], s_["wrk"]
+        print(
+            f"| (fabric alone: sim engine) | | {t[0]:.2f} / {t[1]:.2f} | | | {w['rps']:.0f} | | "
+            f"{w['p50']:.2f} / {w['p99']:.2f} | {int(w['errors'])} |"
+        )
+    print("\nCPU per request through Nebula (ms, during its wrk run); the bridge engine alone:\n")
     names = list(rows[0][1]["cpu"])
-    print("| backend | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
+    print(
+        "| backend | "
+        + " | ".join(names)
+        + f" | engine alone: req/s c={CONCURRENCY} | engine alone: CPU ms/request |"
+    )
+    print("|---" * (len(names) + 3) + "|")
     for k, r in rows:
-        print(f"| {k} | " + " | ".join(f"{r['cpu'][n_]:.2f}" for n_ in names) + " |")
+        alone = f" | {r['alone'][0]:.0f} | {r['alone'][1]:.3f} |"
+        print(f"| {k} | " + " | ".join(f"{r['cpu'][n_]:.2f}" for n_ in names) + alone)
     print()
     for k in kinds:
         mine_rows = [r for kk, r in rows if kk == k]
