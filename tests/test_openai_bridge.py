@@ -12,6 +12,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -396,6 +397,88 @@ async def test_bridge_stops_reading_a_stream_nobody_takes() -> None:
         assert not engine._pool.busy and not engine._pool._idle
         await until(lambda: not server.server_state.connections)
     finally:
+        await engine.stop()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await task
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_bridge_speaks_https(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cloud APIs are https: the bridge verifies the server's certificate (against the
+    system's trust store, which SSL_CERT_FILE points at here) and streams over TLS."""
+    cert, key = _self_signed(tmp_path)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            recorder.app(),
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started)
+    url = f"https://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    untrusted = OpenAIEngine(OpenAIUpstreamSettings(url=url))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=url))
+    try:
+        assert not await untrusted.health()  # an unknown certificate is refused
+        await engine.start()
+        for _ in range(2):
+            outs = [
+                o
+                async for o in engine.generate(_job({"model": "rec", "stream": True}, stream=True))
+            ]
+            assert [
+                json.loads(o.chunk)["choices"][0]["delta"]["content"] for o in outs if o.tokens
+            ] == ["ok"]
+        assert len(set(recorder.peers[-2:])) == 1  # one TLS connection, kept alive
+    finally:
+        await untrusted.stop()
         await engine.stop()
         server.should_exit = True
         with contextlib.suppress(Exception):
