@@ -468,14 +468,11 @@ async def test_bridge_speaks_https(
     try:
         assert not await untrusted.health()  # an unknown certificate is refused
         await engine.start()
+        job = _job({"model": "rec", "stream": True}, stream=True)
         for _ in range(2):
-            outs = [
-                o
-                async for o in engine.generate(_job({"model": "rec", "stream": True}, stream=True))
-            ]
-            assert [
-                json.loads(o.chunk)["choices"][0]["delta"]["content"] for o in outs if o.tokens
-            ] == ["ok"]
+            outs = [o async for o in engine.generate(job)]
+            text = [json.loads(o.chunk)["choices"][0]["delta"]["content"] for o in outs if o.tokens]
+            assert text == ["ok"]
         assert len(set(recorder.peers[-2:])) == 1  # one TLS connection, kept alive
     finally:
         await untrusted.stop()
