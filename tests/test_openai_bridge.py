@@ -480,3 +480,43 @@ async def test_bridge_speaks_https(
         server.should_exit = True
         with contextlib.suppress(Exception):
             await task
+
+
+async def test_bridge_reads_answers_that_end_with_the_connection() -> None:
+    """An upstream without Content-Length or chunking (HTTP/1.0 style) ends its answer by
+    closing: the bridge takes the body up to EOF and opens a new connection next time."""
+    connections = 0
+    events = b"".join(
+        b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % w
+        for w in (b"one", b"two")
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        m = re.search(rb"content-length: *(\d+)", head, re.I)
+        await reader.readexactly(int(m.group(1)) if m else 0)
+        stream = head.startswith(b"POST")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: %s\r\n\r\n"
+            % (b"text/event-stream" if stream else b"application/json")
+        )
+        writer.write(events + b"data: [DONE]" if stream else b'{"object":"list","data":[]}')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=f"http://127.0.0.1:{port}/v1"))
+    try:
+        await engine.start()
+        for i in range(2):
+            outs = [o async for o in engine.generate(_job({"model": "m"}, stream=True))]
+            words = [json.loads(o.chunk)["choices"][0]["delta"]["content"] for o in outs]
+            assert words == ["one", "two"]
+            assert connections == i + 2 and not engine._pool._idle
+    finally:
+        await engine.stop()
+        server.close()
+        await server.wait_closed()

@@ -69,16 +69,17 @@ def split_lines(buf: bytes) -> tuple[list[bytes], bytes]:
 
 
 def with_refusal(body: bytes) -> bytes:
-    """The official schema's chat ``message`` always carries ``refusal`` (null when none);
-    servers that leave it out (older vLLM, llama.cpp) get it added."""
+    """The official schema's chat ``message`` always carries ``refusal`` (null when none):
+    added where an upstream leaves it out. Upstreams that send it (vLLM) cost one scan."""
     if b'"refusal"' in body:
         return body
     try:
         full = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return body
+    choices = full.get("choices") if isinstance(full, dict) else None
     changed = False
-    for choice in full.get("choices") or () if isinstance(full, dict) else ():
+    for choice in choices if isinstance(choices, list) else ():
         msg = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(msg, dict) and "refusal" not in msg:
             msg["refusal"] = None
@@ -191,7 +192,10 @@ class OpenAIEngine:
                     return
                 if job.endpoint is Endpoint.CHAT:
                     raw = with_refusal(raw)
-                probe = _probe.decode(raw)
+                try:
+                    probe = _probe.decode(raw)
+                except msgspec.DecodeError as e:
+                    raise EngineError(f"upstream sent a bad answer: {e}", status=502) from e
                 yield Output(chunk=named(raw), usage=probe.usage)
                 return
             rest = b""

@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 import httptools
 
 _HIGH_WATER = 256 * 1024
-_LOW_WATER = 64 * 1024
 
 
 class UpstreamClosed(ConnectionError):
@@ -68,6 +67,9 @@ class Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._complete:  # bytes nobody asked for: this connection cannot be trusted
+            self.close()
+            return
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
