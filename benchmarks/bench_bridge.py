@@ -276,6 +276,7 @@ async def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per measurement")
     ap.add_argument("--requests", type=int, default=300, help="TTFT requests per measurement")
+    ap.add_argument("--slots", type=int, default=64, help="each worker's --max-concurrency")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="raw,fastapi or one of them")
     args = ap.parse_args()
     kinds = [k for k in args.backends.split(",") if k]
@@ -302,7 +303,8 @@ async def main() -> None:
         try:
             await spawn("gateway", procs.nebula_argv("gateway", "--port", str(base_port)), env=env)
             # The fabric alone, for reference: a sim engine with the same 16-token shape.
-            sim = ["--engine", "sim", "--max-tokens", str(CHUNKS), "--max-concurrency", "64"]
+            slots = ["--max-concurrency", str(args.slots)]
+            sim = ["--engine", "sim", "--max-tokens", str(CHUNKS), *slots]
             await spawn(
                 "worker-sim",
                 procs.nebula_argv("worker", "--model", model_of("sim"), *sim),
@@ -315,7 +317,7 @@ async def main() -> None:
                 # A bridge worker checks its upstream once at start: backends first.
                 await wait_ready(upstream[k] + "/v1/models", "any")
                 bridge = ["--engine", "openai", "--upstream-url", upstream[k] + "/v1"]
-                bridge += ["--max-concurrency", "64"]
+                bridge += slots
                 await spawn(
                     f"worker-{k}",
                     procs.nebula_argv("worker", "--model", model_of(k), *bridge),
