@@ -520,3 +520,16 @@ async def test_bridge_reads_answers_that_end_with_the_connection() -> None:
         await engine.stop()
         server.close()
         await server.wait_closed()
+
+
+def test_bridge_refuses_bad_upstream_settings() -> None:
+    from nebula.errors import InvalidRequest
+
+    for settings in (
+        OpenAIUpstreamSettings(url="ftp://127.0.0.1/v1"),
+        OpenAIUpstreamSettings(url="127.0.0.1:8000/v1"),
+        OpenAIUpstreamSettings(url="http://127.0.0.1/v1", api_key="k\r\nX-Injected: 1"),
+    ):
+        with pytest.raises(InvalidRequest) as e:
+            OpenAIEngine(settings)
+        assert e.value.param in ("upstream_url", "upstream_api_key")

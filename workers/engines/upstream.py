@@ -16,13 +16,14 @@ so the upstream's sends block instead of this process buffering its output.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections import deque
 from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from nebula.errors import InvalidRequest
 
 _HIGH_WATER = 256 * 1024
 
@@ -222,7 +223,9 @@ class Pool:
     ) -> None:
         u = urlsplit(base_url.rstrip("/"))
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"upstream URL must be http:// or https://, got {base_url!r}")
+            raise InvalidRequest(
+                f"upstream URL must be http:// or https://, got {base_url!r}", param="upstream_url"
+            )
         self.host = u.hostname
         self.port = u.port or (443 if u.scheme == "https" else 80)
         self.base_path = u.path.encode()
@@ -230,7 +233,13 @@ class Pool:
         default_port = self.port == (443 if u.scheme == "https" else 80)
         host = self.host if ":" not in self.host else f"[{self.host}]"
         authority = host if default_port else f"{host}:{self.port}"
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        headers = headers or {}
+        if any(c in f"{k}{v}" for k, v in headers.items() for c in "\r\n\0"):
+            raise InvalidRequest(
+                "upstream header names and values (the API key) must be single-line text",
+                param="upstream_api_key",
+            )
+        extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         self._head_tail = (
             f" HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: nebula-bridge\r\n{extra}"
         ).encode()
@@ -318,5 +327,4 @@ class Pool:
         idle, self._idle = self._idle, []
         for conn in idle + list(self.busy):
             conn.close()
-        with contextlib.suppress(Exception):
-            await asyncio.sleep(0)  # let the transports run their close callbacks
+        await asyncio.sleep(0)  # let the transports run their close callbacks
