@@ -15,7 +15,10 @@ finish chunk at once, so what is measured is the cost of the path, not of a mode
 TTFT at concurrency 1 comes from a lean Python client (asyncio + httptools,
 keep-alive); throughput at concurrency 32 from wrk. Backend, gateway, worker,
 nats-server and the load generator share this machine's cores; the CPU each process
-spent per request during the fabric's wrk run is printed too (from /proc).
+spent per request during the fabric's wrk run is printed too (from /proc). Two
+references from the same rounds: the fabric alone (a sim worker with the same
+16-token shape, no upstream) and the bridge engine alone (driven in this process,
+no fabric: its req/s and CPU per request).
 """
 
 from __future__ import annotations
