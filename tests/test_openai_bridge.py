@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -21,8 +23,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from nebula.protocol import Endpoint
 from nebula.settings import OpenAIUpstreamSettings, WorkerSettings
-from tests.conftest import Fabric
+from tests.conftest import Fabric, until
+from workers.engines import upstream
+from workers.engines.base import Job
 from workers.engines.openai_bridge import OpenAIEngine
 from workers.runner import WorkerProcess
 
@@ -256,3 +261,275 @@ async def test_bridge_client_disconnect_aborts_upstream(fabric: Fabric, unique: 
         await asyncio.sleep(0.01)
     print(f"upstream generation aborted {time.monotonic() - t0:.3f}s after the client left")
     assert origin.jobs_cancelled == 1 and origin.inflight == 0
+
+
+def _job(body: dict[str, Any], *, stream: bool) -> Job:
+    return Job(
+        request_id="r1",
+        model=body["model"],
+        endpoint=Endpoint.CHAT,
+        body=json.dumps(body).encode(),
+        stream=stream,
+        include_usage=False,
+    )
+
+
+async def test_bridge_sends_again_when_a_kept_alive_connection_was_dropped() -> None:
+    """A server may close an idle keep-alive connection just as a request goes out on
+    it (uvicorn does after 5 s): nothing of an answer came back, so the bridge sends the
+    request again on a fresh connection instead of failing the job."""
+    connections = 0
+    answer = json.dumps(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "ok", "refusal": None},
+                }
+            ],
+        }
+    ).encode()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answers the first request of each connection; drops it on the second."""
+        nonlocal connections
+        connections += 1
+        try:
+            for served in range(2):
+                head = await reader.readuntil(b"\r\n\r\n")
+                m = re.search(rb"content-length: *(\d+)", head, re.I)
+                await reader.readexactly(int(m.group(1)) if m else 0)
+                if served:
+                    break  # the keep-alive timer fired as this request arrived
+                body = answer if head.startswith(b"POST") else b'{"object":"list","data":[]}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=f"http://127.0.0.1:{port}/v1"))
+    try:
+        await engine.start()  # GET /models: connection 1
+        for i in range(3):
+            outs = [o async for o in engine.generate(_job({"model": "m"}, stream=False))]
+            assert json.loads(outs[0].chunk)["choices"][0]["message"]["content"] == "ok"
+            assert connections == i + 2  # each dropped connection replaced once
+    finally:
+        await engine.stop()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_bridge_stops_reading_a_stream_nobody_takes() -> None:
+    """Backpressure reaches the upstream: while the worker takes no output (its client
+    reads nothing), the bridge stops reading the socket, the upstream's sends block,
+    and what the bridge holds stays bounded; leaving closes the upstream request."""
+    event = (
+        b"data: "
+        + json.dumps(
+            {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "big",
+                "choices": [{"index": 0, "delta": {"content": "x" * 900}, "finish_reason": None}],
+            }
+        ).encode()
+        + b"\n\n"
+    )
+    total = 100_000  # ~100 MB if nothing held it back
+    sent = 0
+    ended = asyncio.Event()
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": []})
+
+    async def chat(request: Request) -> Response:
+        async def events() -> AsyncIterator[bytes]:
+            nonlocal sent
+            try:
+                for _ in range(total):
+                    sent += 1
+                    yield event
+            finally:
+                ended.set()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = Starlette(
+        routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])]
+    )
+    server = uvicorn.Server(uvicorn.Config(app, port=0, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=f"http://127.0.0.1:{port}/v1"))
+    try:
+        await engine.start()
+        gen = engine.generate(_job({"model": "big", "stream": True}, stream=True))
+        first = await anext(gen)
+        assert first.tokens == 1
+        # The upstream's sends stop growing once the socket buffers are full.
+        last = -1
+        while sent != last:
+            last = sent
+            await asyncio.sleep(0.3)
+        assert sent < total and not ended.is_set()
+        (conn,) = engine._pool.busy
+        assert conn.buffered <= upstream._HIGH_WATER + 1024 * 1024, conn.buffered
+        # Taking output again lets it go on (once the socket buffers have drained)...
+        taken = 1
+        while sent == last:
+            await anext(gen)
+            taken += 1
+        assert taken < total
+        # ...and leaving closes the connection (how an upstream learns to abort).
+        await gen.aclose()
+        assert not engine._pool.busy and not engine._pool._idle
+        await until(lambda: not server.server_state.connections)
+    finally:
+        await engine.stop()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await task
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp / "cert.pem", tmp / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_bridge_speaks_https(
+    tmp_path: Path, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cloud APIs are https: the bridge verifies the server's certificate (against the
+    system's trust store, which SSL_CERT_FILE points at here) and streams over TLS."""
+    cert, key = _self_signed(tmp_path)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            recorder.app(),
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=str(cert),
+            ssl_keyfile=str(key),
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    await until(lambda: server.started)
+    url = f"https://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    untrusted = OpenAIEngine(OpenAIUpstreamSettings(url=url))
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=url))
+    try:
+        assert not await untrusted.health()  # an unknown certificate is refused
+        await engine.start()
+        job = _job({"model": "rec", "stream": True}, stream=True)
+        for _ in range(2):
+            outs = [o async for o in engine.generate(job)]
+            text = [json.loads(o.chunk)["choices"][0]["delta"]["content"] for o in outs if o.tokens]
+            assert text == ["ok"]
+        assert len(set(recorder.peers[-2:])) == 1  # one TLS connection, kept alive
+    finally:
+        await untrusted.stop()
+        await engine.stop()
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await task
+
+
+async def test_bridge_reads_answers_that_end_with_the_connection() -> None:
+    """An upstream without Content-Length or chunking (HTTP/1.0 style) ends its answer by
+    closing: the bridge takes the body up to EOF and opens a new connection next time."""
+    connections = 0
+    events = b"".join(
+        b'data: {"choices":[{"index":0,"delta":{"content":"%s"}}]}\n\n' % w
+        for w in (b"one", b"two")
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        m = re.search(rb"content-length: *(\d+)", head, re.I)
+        await reader.readexactly(int(m.group(1)) if m else 0)
+        stream = head.startswith(b"POST")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: %s\r\n\r\n"
+            % (b"text/event-stream" if stream else b"application/json")
+        )
+        writer.write(events + b"data: [DONE]" if stream else b'{"object":"list","data":[]}')
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = OpenAIEngine(OpenAIUpstreamSettings(url=f"http://127.0.0.1:{port}/v1"))
+    try:
+        await engine.start()
+        for i in range(2):
+            outs = [o async for o in engine.generate(_job({"model": "m"}, stream=True))]
+            words = [json.loads(o.chunk)["choices"][0]["delta"]["content"] for o in outs]
+            assert words == ["one", "two"]
+            assert connections == i + 2 and not engine._pool._idle
+    finally:
+        await engine.stop()
+        server.close()
+        await server.wait_closed()
+
+
+def test_bridge_refuses_bad_upstream_settings() -> None:
+    from nebula.errors import InvalidRequest
+
+    for settings in (
+        OpenAIUpstreamSettings(url="ftp://127.0.0.1/v1"),
+        OpenAIUpstreamSettings(url="127.0.0.1:8000/v1"),
+        OpenAIUpstreamSettings(url="http://127.0.0.1/v1", api_key="k\r\nX-Injected: 1"),
+    ):
+        with pytest.raises(InvalidRequest) as e:
+            OpenAIEngine(settings)
+        assert e.value.param in ("upstream_url", "upstream_api_key")
