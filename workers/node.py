@@ -321,9 +321,7 @@ class _Replica:
             return False
         # vllm only where it is installed, here or in the interpreter given for it
         kinds = [
-            k
-            for k in ENGINES
-            if k.available() or (k.name == "vllm" and agent.settings.vllm_python)
+            k for k in ENGINES if k.available() or (k.name == "vllm" and agent.settings.vllm_python)
         ]
         kind = next((k for k in kinds if k.name == spec.engine), None)
         if kind is None:
