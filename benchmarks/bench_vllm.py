@@ -109,6 +109,25 @@ async def ttfts(url: str, payload: dict[str, Any], conc: int, n: int) -> list[fl
     return out
 
 
+def cpu_by_group() -> dict[int, float]:
+    """CPU seconds (user + system) of every live process, summed by process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(fields[2])] = (
+            out.get(int(fields[2]), 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        )
+    return out
+
+
 def wrk(url: str, conc: int, seconds: int, payload: dict[str, Any]) -> dict[str, float]:
     exe = shutil.which("wrk")
     if exe is None:
@@ -133,7 +152,11 @@ def wrk(url: str, conc: int, seconds: int, payload: dict[str, Any]) -> dict[str,
     line = next(x for x in res.splitlines() if x.startswith("NEBULA_JSON "))
     s = json.loads(line.split(" ", 1)[1])
     secs = s["duration_us"] / 1e6
-    return {"rps": s["requests"] / secs, "errors": s["socket_errors"] + s["non2xx"]}
+    return {
+        "rps": s["requests"] / secs,
+        "requests": s["requests"],
+        "errors": s["socket_errors"] + s["non2xx"],
+    }
 
 
 def _tail(log: Path) -> str:
@@ -233,8 +256,15 @@ async def run(args: argparse.Namespace) -> None:
         )
         procs_.append(bridge)
         await wait_models(urls["inproc"], NAMES["inproc"], inproc, tmp / "inproc.log", 900)
-        await wait_models(urls["bridge"], NAMES["bridge"], bridge, tmp / "bridge.log", 60)
+        await wait_models(urls["bridge"], NAMES["bridge"], bridge, tmp / "bridge.log", 600)
         print(f"# all three up after {time.monotonic() - t0:.0f}s", flush=True)
+        assert nats.proc is not None
+        fabric = [gateway.pid, nats.proc.pid]
+        groups = {
+            "direct": [direct.pid],
+            "inproc": [inproc.pid, *fabric],
+            "bridge": [bridge.pid, direct.pid, *fabric],
+        }
         for side in SIDES:  # warm-up: first batches, connections
             await ttfts(urls[side], body(NAMES[side], args.max_tokens), 4, 8)
 
@@ -243,15 +273,23 @@ async def run(args: argparse.Namespace) -> None:
             ttft: dict[str, list[float]] = {s: [] for s in SIDES}
             tps: dict[str, list[float]] = {s: [] for s in SIDES}
             errors = {s: 0.0 for s in SIDES}
+            cpu = {s: [0.0, 0.0] for s in SIDES}  # CPU seconds of the serving processes, requests
             for r in range(args.rounds):
                 order = SIDES if r % 2 == 0 else tuple(reversed(SIDES))
                 for side in order:
                     payload = body(NAMES[side], args.max_tokens)
                     ttft[side] += await ttfts(urls[side], payload, conc, args.requests)
+                    before = cpu_by_group()
                     w = await asyncio.to_thread(wrk, urls[side], conc, args.seconds, payload)
+                    after = cpu_by_group()
+                    # Every process that serves the side (vLLM's engine core shares its
+                    # parent's process group): the CPU a request costs, all included.
+                    used = sum(after.get(g, 0.0) - before.get(g, 0.0) for g in groups[side])
+                    cpu[side][0] += used
+                    cpu[side][1] += w["requests"]
                     tps[side].append(w["rps"] * args.max_tokens)
                     errors[side] += w["errors"]
-            rows.append((conc, ttft, tps, errors))
+            rows.append((conc, ttft, tps, errors, cpu))
             print(f"# concurrency {conc} done", flush=True)
     finally:
         for p in reversed(procs_):
@@ -268,14 +306,16 @@ def report(args: argparse.Namespace, rows: list[Any]) -> None:
     print(
         f"\n{args.max_tokens}-token streamed chat answers; TTFT from {args.requests} requests "
         f"x {args.rounds} rounds per side; tokens/s from wrk, {args.seconds}s x {args.rounds} "
-        "rounds per side, alternating.\n"
+        "rounds per side, alternating. CPU ms/request: every process serving the side "
+        "(direct: vLLM's server and engine core; inproc: the worker with vLLM in it, "
+        "gateway, nats-server; bridge: its worker, the direct server, gateway, nats-server).\n"
     )
     print(
         "| conc | side | TTFT p50 ms | TTFT p99 ms | TTFT p50 - direct | out tok/s "
-        "(per round) | tok/s vs direct | errors |"
+        "(per round) | tok/s vs direct | CPU ms/request | errors |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    for conc, ttft, tps, errors in rows:
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for conc, ttft, tps, errors, cpu in rows:
         d50 = pct(ttft["direct"], 50)
         dtps = sum(tps["direct"]) / len(tps["direct"])
         for side in SIDES:
@@ -285,7 +325,8 @@ def report(args: argparse.Namespace, rows: list[Any]) -> None:
             print(
                 f"| {conc} | {side} | {p50:.1f} | {p99:.1f} | "
                 f"{'' if side == 'direct' else f'{p50 - d50:+.1f}'} | {mean:.0f} ({per_round}) | "
-                f"{mean / dtps:.2f}x | {errors[side]:.0f} |"
+                f"{mean / dtps:.2f}x | {1000 * cpu[side][0] / max(cpu[side][1], 1):.1f} | "
+                f"{errors[side]:.0f} |"
             )
 
 
