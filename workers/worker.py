@@ -727,7 +727,7 @@ class Worker(Service):
             self._last_progress = time.monotonic()
             if not out.chunk:
                 continue
-            job.buf.append(sse(out.chunk))
+            job.buf.append(out.chunk if out.framed else sse(out.chunk))
             if not job.buf_tokens:
                 job.buf_since = time.monotonic()
             job.buf_tokens += max(out.tokens, 1)

@@ -33,6 +33,9 @@ class Output:
     chunk: bytes
     tokens: int = 0
     usage: Usage | None = None
+    # ``chunk`` is already one or more whole SSE events (``data: ...\n\n``), passed on
+    # as they are: an engine that gets SSE from its server saves a split and re-frame.
+    framed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

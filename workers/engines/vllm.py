@@ -42,7 +42,9 @@ from nebula.errors import EngineError, InvalidRequest, Unavailable
 from nebula.openai_types import Usage
 from nebula.protocol import Endpoint
 from workers.engines.base import EngineLoad, Job, Output
-from workers.engines.openai_bridge import ChunkProbe, split_lines
+from workers.engines.openai_bridge import ChunkProbe
+
+_probe = msgspec.json.Decoder(ChunkProbe).decode
 
 log = logging.getLogger(__name__)
 
@@ -368,20 +370,34 @@ class VllmEngine:
                 tokens = probe.usage.completion_tokens if probe.usage else 0
                 yield Output(chunk=body, tokens=tokens, usage=probe.usage)
                 return
+            # vLLM's stream is one `data: {...}` event per message; what has queued up
+            # since the last turn goes on as one Output, as vLLM framed it.
             rest = b""
             async for data in _body(call):
-                lines, rest = split_lines(rest + data)
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, keep-alive comments
-                    chunk = line[5:].strip()
+                events = (rest + data).split(b"\n\n")
+                rest = events.pop()
+                out: list[bytes] = []
+                tokens = 0
+                usage: Usage | None = None
+                for event in events:
+                    if not event.startswith(b"data: "):
+                        continue  # keep-alive comments
+                    chunk = event[6:]
                     if chunk == b"[DONE]":
                         continue  # the worker ends every stream with its own [DONE]
-                    probe = msgspec.json.decode(chunk, type=ChunkProbe)
+                    probe = _probe(chunk)
                     if probe.error is not None:
+                        if out:
+                            yield Output(
+                                chunk=b"".join(out), tokens=tokens, usage=usage, framed=True
+                            )
                         raise _error(_error_code(probe.error), chunk)
-                    usage: Usage | None = probe.usage if not probe.choices else None
-                    yield Output(chunk=chunk, tokens=probe.tokens(), usage=usage)
+                    tokens += probe.tokens()
+                    if probe.usage is not None and not probe.choices:
+                        usage = probe.usage  # the usage-only chunk that ends the stream
+                    out.append(event + b"\n\n")
+                if out:
+                    yield Output(chunk=b"".join(out), tokens=tokens, usage=usage, framed=True)
         finally:
             self._calls.pop(job.request_id, None)
             if not task.done():
@@ -396,15 +412,29 @@ class VllmEngine:
 
 
 async def _body(call: _Call) -> AsyncIterator[bytes]:
+    """The response body as it comes, joining what queued up meanwhile: one turn of the
+    consumer per batch of vLLM's messages, not per token."""
     while True:
-        msg = await call.sent.get()
-        if msg is None:
-            return
-        if msg["type"] != "http.response.body":
-            continue
-        if msg.get("body"):
-            yield msg["body"]
-        if not msg.get("more_body", False):
+        msg: dict[str, Any] | None = await call.sent.get()
+        parts = []
+        done = False
+        while True:
+            if msg is None:
+                done = True
+                break
+            if msg["type"] == "http.response.body":
+                if msg.get("body"):
+                    parts.append(msg["body"])
+                if not msg.get("more_body", False):
+                    done = True
+                    break
+            try:
+                msg = call.sent.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+        if parts:
+            yield b"".join(parts)
+        if done:
             return
 
 
