@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -15,9 +14,11 @@ from typing import Any, TypeVar
 import click
 import msgspec
 
+from nebula import logs
 from nebula.admin import ClusterAdmin, ModelStatus, NodeStatus
 from nebula.cli_options import options_from, take
 from nebula.errors import EngineError, NebulaError, Unavailable
+from nebula.logs import FORMATS
 from nebula.settings import (
     DEFAULT_NATS_PORT,
     DEFAULT_NATS_URL,
@@ -65,11 +66,45 @@ def _nats(url: str) -> NatsSettings:
 
 
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option(
+    "--log-level",
+    envvar="NEBULA_LOG_LEVEL",
+    default=None,
+    help="Level, optionally per component: `info` or `warning,gateway=debug,workers=info` "
+    "(logger prefixes). [env: NEBULA_LOG_LEVEL; default: warning]",
+)
+@click.option(
+    "--log-format",
+    envvar="NEBULA_LOG_FORMAT",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="text (readable) or json (one object per line). [env: NEBULA_LOG_FORMAT]",
+)
+@click.option(
+    "--log-file",
+    envvar="NEBULA_LOG_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Append logs to this file instead of stderr. [env: NEBULA_LOG_FILE]",
+)
+@click.pass_context
+def main(
+    ctx: click.Context, verbose: int, log_level: str | None, log_format: str, log_file: Path | None
+) -> None:
     """Nebula: an OpenAI-compatible inference fabric over NATS JetStream."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = log_level or ("warning", "info", "debug")[min(verbose, 2)]
+    try:
+        logs.configure(
+            component=ctx.invoked_subcommand or "nebula", level=level, fmt=log_format, file=log_file
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--log-level") from None
+    # Child processes (nebula up's children, a node agent's workers) log alike: they
+    # read the same variables. The file is per process, so it is not passed on.
+    os.environ["NEBULA_LOG_LEVEL"] = level
+    os.environ["NEBULA_LOG_FORMAT"] = log_format
 
 
 gateway_options = options_from(GatewaySettings)
@@ -502,6 +537,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def scheduler(nats_url: str, **kw: Any) -> None:
     """Run a scheduler (several may run: one leads, the others stand by)."""
     from nebula import natsio
+    from nebula.metrics import serve_metrics
     from nebula.procs import run_until_signal
     from nebula.scheduler import Scheduler
 
@@ -511,11 +547,17 @@ def scheduler(nats_url: str, **kw: Any) -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         nc = await natsio.connect(_nats(nats_url), name="nebula-scheduler")
+        metrics = None
         try:
-            async with Scheduler(nc, settings, nats_settings=_nats(nats_url)):
+            async with Scheduler(nc, settings, nats_settings=_nats(nats_url)) as sched:
+                metrics = await serve_metrics(
+                    sched.registry, settings.metrics_host, settings.metrics_port, "scheduler"
+                )
                 click.echo(f"nebula scheduler ({settings.strategy}) on {nats_url}", err=True)
                 await stop.wait()
         finally:
+            if metrics is not None:
+                await metrics.close()
             await natsio.close_connection(nc)
 
     _run(run_until_signal(serve))
@@ -539,6 +581,7 @@ def scheduler(nats_url: str, **kw: Any) -> None:
 )
 def node(nats_url: str, labels: tuple[str, ...], **kw: Any) -> None:
     """Run the node agent: inventory, heartbeats, one worker process per placement."""
+    from nebula.metrics import serve_metrics
     from nebula.procs import run_until_signal
     from nebula.settings import NodeSettings, parse_labels
     from workers.node import NodeAgent
@@ -550,8 +593,18 @@ def node(nats_url: str, labels: tuple[str, ...], **kw: Any) -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         async with NodeAgent(settings, _nats(nats_url)) as agent:
+            metrics = await serve_metrics(
+                agent.registry,
+                settings.metrics_host,
+                settings.metrics_port,
+                f"node {agent.node_id}",
+            )
             click.echo(f"nebula node {agent.node_id} on {nats_url}", err=True)
-            await stop.wait()
+            try:
+                await stop.wait()
+            finally:
+                if metrics is not None:
+                    await metrics.close()
 
     _run(run_until_signal(serve))
 

@@ -233,6 +233,14 @@ class SchedulerSettings:
     debounce: float = setting(0.05, "Bursts of KV updates within this window make one pass.")
     max_inflight_writes: int = setting(256, "Placement writes in flight at once.")
     scheduler_id: str | None = setting(None, "Leader key value (default: host-pid-random).")
+    metrics_host: str = setting(
+        "127.0.0.1", "Address the scheduler's /metrics listens on.",
+        env="NEBULA_SCHEDULER_METRICS_HOST",
+    )  # fmt: skip
+    metrics_port: int | None = setting(
+        9402, "Port of the scheduler's /metrics (empty: off).",
+        env="NEBULA_SCHEDULER_METRICS_PORT",
+    )  # fmt: skip
 
     @classmethod
     def from_env(cls, **overrides: object) -> SchedulerSettings:
@@ -280,6 +288,13 @@ class NodeSettings:
     stable_after: float = setting(60.0, "A worker that ran this long starts a new crash count.")
     ready_timeout: float = setting(600.0, "Seconds a starting worker has to report ready.")
     stop_timeout: float = setting(40.0, "SIGTERM, this long to drain, then SIGKILL.")
+    metrics_host: str = setting(
+        "127.0.0.1", "Address /metrics (this node and its workers) listens on.",
+        env="NEBULA_NODE_METRICS_HOST",
+    )  # fmt: skip
+    metrics_port: int | None = setting(
+        9401, "Port of the node's /metrics (empty: off).", env="NEBULA_NODE_METRICS_PORT"
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> NodeSettings:
