@@ -462,26 +462,57 @@ def cluster() -> None:
 
 @cluster.command("status")
 @nats_url_option
-@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds.")
+@click.option(
+    "--gateway-url",
+    envvar="NEBULA_GATEWAY_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="Gateway(s) whose /metrics give request rates and TTFT (comma-separated).",
+)
+@click.option("--watch", is_flag=True, help="A live view, refreshed every --interval seconds.")
 @click.option("--interval", default=2.0, show_default=True, type=float)
 @click.option("--json", "as_json", is_flag=True)
-def cluster_status(nats_url: str, watch: bool, interval: float, as_json: bool) -> None:
-    """Nodes (heartbeat age, GPUs, free memory, placements) and models (queue depth)."""
+def cluster_status(
+    nats_url: str, gateway_url: str, watch: bool, interval: float, as_json: bool
+) -> None:
+    """Nodes (heartbeat, GPUs, memory, placements), models (replicas, queue depth, dead
+    letters) and traffic per model from the gateways (req/s, TTFT p50/p99)."""
+    import httpx
+
+    from nebula import status as st
+
+    urls = [u.strip() for u in gateway_url.split(",") if u.strip()]
 
     async def go() -> None:
-        async with _admin(nats_url) as admin:
-            while True:
-                nodes, models = await admin.nodes(), await admin.models()
-                if as_json:
-                    click.echo(msgspec.json.encode({"nodes": nodes, "models": models}).decode())
-                else:
-                    text = _render_status(nodes, models)
-                    if watch:
-                        click.clear()
-                    click.echo(text)
-                if not watch:
-                    return
-                await asyncio.sleep(interval)
+        prev: dict[str, st.GatewayScrape] = {}
+        live: Any = None
+        async with _admin(nats_url) as admin, httpx.AsyncClient(timeout=2.0) as http:
+            try:
+                while True:
+                    scrapes = [await st.scrape(http, u) for u in urls]
+                    report = st.ClusterStatus(
+                        nodes=await admin.nodes(),
+                        models=await admin.models(),
+                        gateways=[st.combine(c, prev.get(c.url)) for c in scrapes],
+                    )
+                    prev = {c.url: c for c in scrapes}
+                    if as_json:
+                        click.echo(msgspec.json.encode(report).decode())
+                    elif watch and live is None:
+                        from rich.live import Live
+
+                        live = Live(st.render(report), auto_refresh=False, screen=False)
+                        live.start()
+                    elif watch:
+                        live.update(st.render(report), refresh=True)
+                    else:
+                        click.echo(_render_status(report.nodes, report.models))
+                    if not watch:
+                        return
+                    await asyncio.sleep(interval)
+            finally:
+                if live is not None:
+                    live.stop()
 
     _run(go())
 
@@ -607,6 +638,52 @@ def node(nats_url: str, labels: tuple[str, ...], **kw: Any) -> None:
                     await metrics.close()
 
     _run(run_until_signal(serve))
+
+
+# --- logs -------------------------------------------------------------------------
+
+
+@main.command("logs")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="NEBULA_DATA_DIR",
+    help="Data folder of `nebula up` (its logs/ folder is read). [default: per-user data]",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they come.")
+@click.option(
+    "--component",
+    default=None,
+    help="gateway | scheduler | node | nats | worker (every worker) | worker:<file>.",
+)
+@click.option("--request-id", default=None, help="Only lines about this request.")
+@click.option("-n", "--lines", default=None, type=int, help="Only the last N lines first.")
+def logs_cmd(
+    data_dir: Path | None,
+    follow: bool,
+    component: str | None,
+    request_id: str | None,
+    lines: int | None,
+) -> None:
+    """Every log file of `nebula up` (gateway, scheduler, node, nats, workers), merged in
+    time order; each line is prefixed with its component."""
+    root = (data_dir or default_data_dir()) / "logs"
+    if not root.is_dir():
+        raise click.ClickException(f"no logs in {root} (is that the data dir of `nebula up`?)")
+    found, offsets = logs.merged(root, component=component, request_id=request_id)
+    if lines is not None:
+        found = found[-lines:] if lines > 0 else []
+    width = max((len(ln.component) for ln in found), default=9)
+    for ln in found:
+        click.echo(f"{ln.component:<{width}} | {ln.text}")
+    while follow:
+        try:
+            time.sleep(0.25)
+        except KeyboardInterrupt:
+            return
+        for ln in logs.follow(root, offsets, component=component, request_id=request_id):
+            click.echo(f"{ln.component:<{width}} | {ln.text}")
 
 
 # --- batch jobs -----------------------------------------------------------------
