@@ -127,7 +127,8 @@ class OpenAIEngine:
         if path is None:
             raise EngineError(f"openai engine does not serve {job.endpoint.value}", status=400)
         content = self._request_body(job)
-        headers = {"Content-Type": "application/json"}
+        # The request id travels on (vLLM, most proxies and their logs know X-Request-Id).
+        headers = {"Content-Type": "application/json", "X-Request-Id": job.request_id}
         rename = self._renamer(job)
 
         def named(chunk: bytes) -> bytes:

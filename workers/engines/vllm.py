@@ -279,7 +279,11 @@ class VllmEngine:
             "raw_path": path.encode(),
             "root_path": "",
             "query_string": b"",
-            "headers": [*self._headers, (b"content-length", str(len(job.body)).encode())],
+            "headers": [
+                *self._headers,
+                (b"content-length", str(len(job.body)).encode()),
+                (b"x-request-id", job.request_id.encode()),  # vLLM's request id where enabled
+            ],
             "client": ("127.0.0.1", 0),
             "server": ("nebula-worker", 0),
         }
