@@ -38,9 +38,11 @@ from gateway.metrics import (
     COMPLETED,
     ERROR,
     GatewayMetrics,
+    NullTracker,
     Tracker,
     poll_queue_gauges,
 )
+from gateway.metrics import tracker as new_tracker
 from gateway.registry import ModelRegistry
 from nebula import natsio
 from nebula.admin import ClusterAdmin, LoadRequest
@@ -109,7 +111,9 @@ class Gateway(Service):
         self.nc = nc
         self.gateway_id = settings.gateway_id or uuid.uuid4().hex[:12]
         self.models = ModelRegistry()
-        self.metrics = GatewayMetrics(registry or CollectorRegistry())
+        self.metrics = GatewayMetrics(
+            registry or CollectorRegistry(), enabled=settings.request_metrics
+        )
         self.metrics.registry.register(NatsCollector("gateway", lambda: self.nc))
         self.dispatcher = Dispatcher(
             nc, settings, nats_settings, self.models, self.gateway_id, self.metrics
@@ -200,7 +204,7 @@ def create_app(gw: Gateway) -> FastAPI:
         ends in exactly one outcome, and every answer carries its X-Request-Id."""
         rid = request_id(request)
         REQUEST_ID.set(rid)  # this request's task (and tasks it starts) log with it
-        tracker = Tracker(metrics, endpoint.value)
+        tracker = new_tracker(metrics, endpoint.value)
         try:
             response = await submit(request, endpoint, rid, tracker)
         except NebulaError as e:
@@ -216,7 +220,9 @@ def create_app(gw: Gateway) -> FastAPI:
         response.headers[REQUEST_ID_HEADER] = rid
         return response
 
-    async def submit(request: Request, endpoint: Endpoint, rid: str, tracker: Tracker) -> Response:
+    async def submit(
+        request: Request, endpoint: Endpoint, rid: str, tracker: Tracker | NullTracker
+    ) -> Response:
         body = await _read_body(request, gw.body_limit, gw.settings.body_timeout)
         if endpoint is Endpoint.EMBEDDING:
             emb = decode(body, EmbeddingRequest)
@@ -257,7 +263,7 @@ def create_app(gw: Gateway) -> FastAPI:
         endpoint: Endpoint,
         body: bytes,
         rid: str,
-        tracker: Tracker,
+        tracker: Tracker | NullTracker,
         *,
         stream: bool,
     ) -> Response:
@@ -277,7 +283,7 @@ def create_app(gw: Gateway) -> FastAPI:
             if not stream:
                 call.close()
 
-    async def _unary(call: Call, request: Request, tracker: Tracker) -> Response:
+    async def _unary(call: Call, request: Request, tracker: Tracker | NullTracker) -> Response:
         async def answer() -> bytes:
             await call.wait_started()
             tracker.started(call.started_at - call.published_at)
@@ -297,7 +303,7 @@ def create_app(gw: Gateway) -> FastAPI:
         tracker.finish(COMPLETED, 200, call.usage)
         return Response(data, media_type="application/json")
 
-    async def _stream(call: Call, request: Request, tracker: Tracker) -> Response:
+    async def _stream(call: Call, request: Request, tracker: Tracker | NullTracker) -> Response:
         async def opening() -> tuple[tuple[str, bytes], AsyncIterator[tuple[str, bytes]]]:
             await call.wait_started()
             tracker.started(call.started_at - call.published_at)
@@ -443,7 +449,7 @@ class RelayResponse(StreamingResponse):
         first: tuple[str, bytes],
         frames: AsyncIterator[tuple[str, bytes]],
         slow_timeout: float,
-        tracker: Tracker,
+        tracker: Tracker | NullTracker,
     ) -> None:
         super().__init__(iter(()), media_type="text/event-stream", headers=_SSE_HEADERS)
         self.call = call

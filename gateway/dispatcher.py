@@ -387,7 +387,8 @@ class Dispatcher:
                 call.published_at = time.perf_counter()
                 ack = await self.js.publish(subject, call.body, headers=headers, timeout=5.0)
                 call.seq = ack.seq
-                self.metrics.published.labels(call.model).inc()
+                if self.metrics.enabled:
+                    self.metrics.published.labels(call.model).inc()
                 return
             except APIError as e:
                 if e.err_code in _JS_QUEUE_FULL:

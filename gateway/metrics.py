@@ -71,8 +71,9 @@ class _Bound:
 
 
 class GatewayMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, enabled: bool = True) -> None:
         self.registry = registry
+        self.enabled = enabled  # False: requests are not recorded (benchmarks only)
         self.requests = Counter(
             "nebula_requests",
             "Requests by model, endpoint and final outcome (completed, client_gone, error) "
@@ -169,6 +170,27 @@ class GatewayMetrics:
         return b
 
 
+class NullTracker:
+    """A Tracker that records nothing (``--no-request-metrics``, to measure their cost)."""
+
+    b: _Bound | None = None
+
+    def __init__(self, m: GatewayMetrics, endpoint: str) -> None:
+        pass
+
+    def bind(self, model: str) -> None:
+        self.b = _NULL_BOUND
+
+    def started(self, queued: float) -> None:
+        pass
+
+    def first_token(self) -> None:
+        pass
+
+    def finish(self, outcome: str, status: int, usage: str | None = None) -> None:
+        pass
+
+
 class Tracker:
     """One request's accounting, from arrival to its final outcome (recorded once)."""
 
@@ -219,6 +241,13 @@ class Tracker:
                 b.gen.inc(n)
                 if self.first_at and n > 1:
                     b.itl.observe((now - self.first_at) / (n - 1))
+
+
+_NULL_BOUND: Any = object()
+
+
+def tracker(m: GatewayMetrics, endpoint: str) -> Tracker | NullTracker:
+    return Tracker(m, endpoint) if m.enabled else NullTracker(m, endpoint)
 
 
 async def refresh_queue_gauges(

@@ -150,6 +150,9 @@ class GatewaySettings:
     max_connections: int = setting(
         4096, "Open connections at most; beyond, head-less ones are evicted, then 503."
     )
+    request_metrics: bool = setting(
+        True, "Record per-request metrics (turn off only to measure what they cost)."
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> GatewaySettings:
