@@ -26,7 +26,11 @@ REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("nebula_request
 FORMATS = ("text", "json")
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "warn": 30, "error": 40, "critical": 50}
 # Attributes every LogRecord has; anything else was passed with ``extra=``.
-_STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "request_id"}
+_STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "request_id",
+    "color_message",  # uvicorn's coloured copy of the message
+}
 
 
 def _iso(created: float) -> str:
@@ -210,6 +214,12 @@ def read_file(path: Path, component: str, offset: int = 0) -> tuple[list[LogLine
         parsed = parse_line(raw, component, last)
         last = parsed.ts
         lines.append(parsed)
+    # Lines before the first time stamp (a banner) go with the first stamped line.
+    first = next((ln.ts for ln in lines if ln.ts), 0.0)
+    for i, ln in enumerate(lines):
+        if ln.ts:
+            break
+        lines[i] = LogLine(first, ln.component, ln.text, ln.request_id)
     return lines, offset + end
 
 

@@ -376,7 +376,8 @@ class _Replica:
                 info = msgspec.json.decode(msg.data, type=WorkerInfo)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 return
-            self.info = info  # the latest heartbeat: what the node's /metrics reports
+            if self.handle is not None and self.handle.worker_id == info.worker_id:
+                self.info = info  # the latest heartbeat: what the node's /metrics reports
             if info.ready and not info.draining:
                 ready.set()
 
