@@ -1,21 +1,22 @@
-"""What observability costs: streamed requests/s with request metrics and JSON logs
-ON versus OFF, at concurrency 64, in one run.
+"""What observability costs: streamed requests/s and CPU per request with request
+metrics and JSON logs ON versus OFF, at concurrency 64, in one run.
 
-    python benchmarks/bench_observability.py [--seconds 8] [--rounds 3]   # needs wrk
+    python benchmarks/bench_observability.py [--seconds 8] [--rounds 4]   # needs wrk
 
-Two stacks share one nats-server: each is a gateway plus a worker (SIMULATED engine,
-0 ms TTFT/ITL, 16-token streams), as separate processes.
-- ON: request metrics recorded, ``--log-format json`` with the per-request lines on
-  (``workers.worker=info``: one JSON line per request in the worker, the lines
-  ``nebula logs --request-id`` finds), and ``/metrics`` scraped every second as a
-  (busy) Prometheus would.
+Three stacks share one nats-server, each a gateway plus a worker (SIMULATED engine,
+0 ms TTFT/ITL, 16-token streams) as separate processes:
 - OFF: ``--no-request-metrics`` on the gateway, text logs at the default level
   (warnings only).
-Each round drives BOTH stacks at once, one wrk each: on a shared 2-core machine any
-other load then hits both alike, and as they compete for the same cores the stack
-that spends more CPU per request serves fewer, so ON/OFF is the cost. (Taking turns
-instead, ``--alternate``, was swamped by other load on this machine: rounds ranged
-0.70-1.20.) The table has each round's pair and the ratio.
+- METRICS: request metrics recorded, ``--log-format json`` at the default level, and
+  ``/metrics`` scraped every second (a busy Prometheus).
+- ON: as METRICS, plus the per-request log lines (``workers.worker=info``: one JSON
+  line per request in the worker, what ``nebula logs --request-id`` finds).
+Each round drives all stacks at once, one wrk each (concurrency 64 per stack): other
+load on a shared machine then hits them alike. Besides req/s, the table has the CPU
+time each stack's gateway + worker used per request (from /proc), the cost that does
+not depend on what else the machine was doing: OFF/X of it is the throughput ratio a
+CPU-bound fabric would see. (Driving one stack at a time was swamped by other load on
+this machine: rounds ranged 0.70-1.20.)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -45,15 +47,18 @@ TOKENS = 16
 CONCURRENCY = 64
 
 
-async def start_stack(
-    name: str, port: int, nats_url: str, tmp: Path, *, on: bool
-) -> list[asyncio.subprocess.Process]:
-    env = {"NEBULA_NATS_URL": nats_url}
-    if on:
-        env |= {"NEBULA_LOG_FORMAT": "json", "NEBULA_LOG_LEVEL": "warning,workers.worker=info"}
-    else:
-        env |= {"NEBULA_LOG_FORMAT": "text", "NEBULA_LOG_LEVEL": "warning"}
-    gw_args = ["gateway", "--port", str(port)] + ([] if on else ["--no-request-metrics"])
+MODES = {
+    # name: (request metrics, log format, log level, scrape /metrics)
+    "off": (False, "text", "warning", False),
+    "metrics": (True, "json", "warning", True),
+    "on": (True, "json", "warning,workers.worker=info", True),
+}
+
+
+async def start_stack(name: str, mode: str, port: int, nats_url: str, tmp: Path) -> list[Any]:
+    metrics, fmt, level, _ = MODES[mode]
+    env = {"NEBULA_NATS_URL": nats_url, "NEBULA_LOG_FORMAT": fmt, "NEBULA_LOG_LEVEL": level}
+    gw_args = ["gateway", "--port", str(port)] + ([] if metrics else ["--no-request-metrics"])
     gw = await procs.spawn(procs.nebula_argv(*gw_args), env=env, log_file=tmp / f"{name}-gw.log")
     wk = await procs.spawn(
         procs.nebula_argv(
@@ -78,6 +83,16 @@ async def scrape_every(url: str, period: float) -> None:
             with contextlib.suppress(httpx.HTTPError):
                 await http.get(url)
             await asyncio.sleep(period)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used so far (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return total
 
 
 def payload(model: str) -> bytes:
@@ -135,67 +150,80 @@ def per_request_costs(n: int = 50_000) -> tuple[float, float]:
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=int, default=8, help="wrk duration per measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="OFF/ON pairs")
-    ap.add_argument("--alternate", action="store_true", help="Drive one stack at a time.")
+    ap.add_argument("--seconds", type=int, default=8, help="wrk duration per round")
+    ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="nebula-bench-obs-"))
-    base = 19000 + os.getpid() % 500
-    ports = {"off": base, "on": base + 500}
+    base = 19000 + os.getpid() % 300
+    ports = {mode: base + 300 * i for i, mode in enumerate(MODES)}
     async with EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats")) as nats:
-        stacks = []
+        procs_: list[Any] = []
+        pids: dict[str, list[int]] = {}
         try:
             for mode, port in ports.items():
-                stacks += await start_stack(f"obs-{mode}", port, nats.url, tmp, on=mode == "on")
-            # Warm both (imports, JIT-free but caches, connections).
-            for mode, port in ports.items():
+                started = await start_stack(f"obs-{mode}", mode, port, nats.url, tmp)
+                pids[mode] = [p.pid for p in started]
+                procs_ += started
+            for mode, port in ports.items():  # warm up: connections, caches
                 await run_wrk(port, f"obs-{mode}", 2, scrape=False)
-            rows = []
+            rows: list[dict[str, dict[str, float]]] = []
             for _ in range(args.rounds):
-                if args.alternate:
-                    off = await run_wrk(ports["off"], "obs-off", args.seconds, scrape=False)
-                    on = await run_wrk(ports["on"], "obs-on", args.seconds, scrape=True)
-                else:
-                    off, on = await asyncio.gather(
-                        run_wrk(ports["off"], "obs-off", args.seconds, scrape=False),
-                        run_wrk(ports["on"], "obs-on", args.seconds, scrape=True),
+                cpu0 = {mode: cpu_seconds(p) for mode, p in pids.items()}
+                results = await asyncio.gather(
+                    *(
+                        run_wrk(port, f"obs-{mode}", args.seconds, scrape=MODES[mode][3])
+                        for mode, port in ports.items()
                     )
-                rows.append((off, on))
+                )
+                row = dict(zip(ports, results, strict=True))
+                for mode, res in row.items():
+                    res["cpu_us"] = (cpu_seconds(pids[mode]) - cpu0[mode]) / res["requests"] * 1e6
+                rows.append(row)
             json_lines = sum(
                 1 for line in (tmp / "obs-on-worker.log").read_text().splitlines()
                 if line.startswith("{")
             )  # fmt: skip
         finally:
-            for p in stacks:
+            for p in procs_:
                 await procs.stop(p)
 
     print(
         f"\nObservability cost — SIMULATED engine ({TOKENS}-token streams, 0 ms TTFT/ITL), "
-        f"wrk at concurrency {CONCURRENCY} per stack, {args.seconds}s per cell, "
-        f"{'one stack at a time' if args.alternate else 'both stacks at once'}, "
-        f"{os.cpu_count()} cores shared by gateways, workers, nats-server and wrk\n"
+        f"wrk at concurrency {CONCURRENCY} per stack, all stacks at once, {args.seconds}s per "
+        f"round, {os.cpu_count()} cores shared by gateways, workers, nats-server and wrk\n"
     )
-    print("| round | OFF req/s | ON req/s | ON/OFF | OFF p99 (ms) | ON p99 (ms) | errors |")
-    print("|---|---|---|---|---|---|---|")
-    for i, (off, on) in enumerate(rows, 1):
-        print(
-            f"| {i} | {off['rps']:.0f} | {on['rps']:.0f} | {on['rps'] / off['rps']:.3f} | "
-            f"{off['p99']:.1f} | {on['p99']:.1f} | {int(off['errors'] + on['errors'])} |"
-        )
-    total_off = sum(r[0]["rps"] for r in rows)
-    total_on = sum(r[1]["rps"] for r in rows)
     print(
-        f"| all | {total_off / len(rows):.0f} | {total_on / len(rows):.0f} | "
-        f"{total_on / total_off:.3f} | | | |"
+        "| round | req/s OFF / METRICS / ON | CPU us per request OFF / METRICS / ON | "
+        "OFF/METRICS CPU | OFF/ON CPU | errors |"
     )
+    print("|---|---|---|---|---|---|")
+
+    def line(label: str, r: dict[str, dict[str, float]]) -> None:
+        rps = " / ".join(f"{r[m]['rps']:.0f}" for m in MODES)
+        cpu = " / ".join(f"{r[m]['cpu_us']:.0f}" for m in MODES)
+        off = r["off"]["cpu_us"]
+        errors = int(sum(r[m].get("errors", 0) for m in MODES))
+        print(
+            f"| {label} | {rps} | {cpu} | {off / r['metrics']['cpu_us']:.3f} | "
+            f"{off / r['on']['cpu_us']:.3f} | {errors} |"
+        )
+
+    for i, r in enumerate(rows, 1):
+        line(str(i), r)
+    total: dict[str, dict[str, float]] = {}
+    for m in MODES:
+        n = sum(r[m]["requests"] for r in rows)
+        total[m] = {
+            "rps": sum(r[m]["rps"] for r in rows) / len(rows),
+            "cpu_us": sum(r[m]["cpu_us"] * r[m]["requests"] for r in rows) / n,
+            "errors": sum(r[m]["errors"] for r in rows),
+        }
+    line("all", total)
     print(f"\nON wrote {json_lines:,} JSON log lines in the worker (one per request).")
     tracker_us, log_us = per_request_costs()
-    served = (total_off + (0 if args.alternate else total_on)) / len(rows)  # req/s, all stacks
-    cpu_us = (os.cpu_count() or 1) * 1e6 / max(served, 1)
     print(
-        f"Per request, measured alone: gateway metrics {tracker_us:.1f} us, one JSON log "
-        f"line {log_us:.1f} us; a request costs the fabric about {cpu_us:.0f} us of CPU "
-        "(all cores busy at this run's rate)."
+        f"Measured alone, per request: gateway metrics {tracker_us:.1f} us, one JSON log "
+        f"line {log_us:.1f} us (OFF spends {total['off']['cpu_us']:.0f} us in gateway + worker)."
     )
     shutil.rmtree(tmp, ignore_errors=True)
 
