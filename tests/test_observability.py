@@ -304,14 +304,17 @@ def test_log_lines_merge_in_time_order(tmp_path: Path) -> None:
 def test_json_log_format_carries_request_id(capsys: pytest.CaptureFixture[str]) -> None:
     import logging
 
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
     logs.configure(component="gateway", level="info", fmt="json")
     try:
         token = logs.REQUEST_ID.set("rid-42")
         logging.getLogger("gateway.test").info("hello %s", "there", extra={"model": "m"})
         logs.REQUEST_ID.reset(token)
         logging.getLogger("gateway.test").debug("not shown")
-    finally:
-        logging.getLogger().handlers.clear()
+    finally:  # give the root logger back as pytest set it up
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
     (line,) = capsys.readouterr().err.splitlines()
     obj = json.loads(line)
     assert obj["request_id"] == "rid-42" and obj["msg"] == "hello there"
