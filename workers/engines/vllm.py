@@ -279,11 +279,9 @@ class VllmEngine:
             "raw_path": path.encode(),
             "root_path": "",
             "query_string": b"",
-            "headers": [
-                *self._headers,
-                (b"content-length", str(len(job.body)).encode()),
-                (b"x-request-id", job.request_id.encode()),  # vLLM's request id where enabled
-            ],
+            # No X-Request-Id here: vLLM would take it as its engine request id, and two
+            # clients reusing one id would collide inside the engine.
+            "headers": [*self._headers, (b"content-length", str(len(job.body)).encode())],
             "client": ("127.0.0.1", 0),
             "server": ("nebula-worker", 0),
         }
