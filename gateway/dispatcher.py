@@ -181,7 +181,7 @@ class Call:
         log.warning(
             "request %s attempt %d: %s; queueing it again", self.request_id, self.attempt, why
         )
-        self.dispatcher.metrics.requeued.labels(self.model).inc()
+        self.dispatcher.metrics.count_requeued(self.model)
         # Stop the old attempt first: a worker that comes back must not finish it too.
         await self.dispatcher.cancel_attempt(self)
         self.worker_id = None
@@ -387,8 +387,7 @@ class Dispatcher:
                 call.published_at = time.perf_counter()
                 ack = await self.js.publish(subject, call.body, headers=headers, timeout=5.0)
                 call.seq = ack.seq
-                if self.metrics.enabled:
-                    self.metrics.published.labels(call.model).inc()
+                self.metrics.count_published(call.model)
                 return
             except APIError as e:
                 if e.err_code in _JS_QUEUE_FULL:
@@ -437,7 +436,7 @@ class Dispatcher:
             if call.done or call.worker_id is not None or call.request_id not in self.calls:
                 continue  # started (or ended) while we looked
             log.warning("request %s was lost with NATS; queueing it again", call.request_id)
-            self.metrics.requeued.labels(call.model).inc()
+            self.metrics.count_requeued(call.model)
             try:
                 await self.publish(call)
             except NebulaError as e:

@@ -367,7 +367,9 @@ def test_dashboard_queries_only_exported_metrics() -> None:
 
     reg = CollectorRegistry()
     m = GatewayMetrics(reg)
-    m.bound("m", "chat").outcome("completed", 200).inc()
+    m.bound("m", "chat").outcome("completed", 200)
+    m.count_published("m")
+    m.count_requeued("m")
     reg.register(NatsCollector("gateway", lambda: None))
     info = NodeInfo(node_id="n", gpus=[GpuInfo(index=0, memory_total=1, utilization=0.5)])
     worker = WorkerInfo(worker_id="w", model="m", engine="sim")
