@@ -383,3 +383,57 @@ def test_dashboard_queries_only_exported_metrics() -> None:
     missing = {q for q in _queried_metrics(dashboard) if _base(q) not in exported}
     assert not missing, f"dashboard queries metrics nobody exports: {sorted(missing)}"
     msgspec.json.decode(path.read_bytes())  # strict JSON too
+
+
+# --- status view ----------------------------------------------------------------------
+
+
+def test_status_view_rates_quantiles_and_render() -> None:
+    from rich.console import Console
+
+    from nebula import status as st
+    from nebula.admin import ModelStatus, NodeStatus
+    from nebula.protocol import GpuInfo, NodeInfo
+
+    assert st.quantile(0.5, {0.01: 0, 0.02: 10, 0.04: 20, float("inf"): 20}) == 0.02
+    assert st.quantile(0.99, {0.01: 0, 0.02: 10, 0.04: 20, float("inf"): 20}) == pytest.approx(
+        0.0396
+    )
+    assert st.quantile(0.5, {}) is None
+    before = st.GatewayScrape("g", 10.0, True, models={"m": st.ModelTraffic(requests=100)})
+    after = st.GatewayScrape(
+        "g", 12.0, True,
+        models={"m": st.ModelTraffic(requests=140, errors=2, ttft={0.02: 40, float("inf"): 40})},
+    )  # fmt: skip
+    g = st.combine(after, before)
+    assert g.models["m"].rate == 20.0 and g.models["m"].ttft_p50 == pytest.approx(0.01)
+    assert st.combine(after, None).models["m"].rate is None  # one scrape: no rate
+    node = NodeStatus(
+        node_id="n1",
+        heartbeat_age=0.4,
+        info=NodeInfo(
+            node_id="n1",
+            gpus=[
+                GpuInfo(
+                    index=0,
+                    name="H100",
+                    memory_total=80 << 30,
+                    memory_free=60 << 30,
+                    utilization=0.5,
+                )
+            ],
+        ),
+        placements=["m#0 Ready"],
+        gpu_allocated={0: 0.25},
+    )
+    model = ModelStatus(
+        name="m", engine="sim", replicas=1, ready=1, state="Ready", max_queue=256, queued=3
+    )
+    report = st.ClusterStatus(nodes=[node], models=[model], gateways=[g])
+    console = Console(record=True, width=200)
+    console.print(st.render(report))
+    text = console.export_text()
+    for want in ("n1", "H100", "20.0G/80.0G", "util 50%", "m#0 Ready", "3/256", "20.0", "10ms"):
+        assert want in text, want
+    down = st.combine(st.GatewayScrape("g2", 0.0, False, error="refused"), None)
+    assert down.up is False and msgspec.json.decode(msgspec.json.encode(down))["error"]
