@@ -131,6 +131,9 @@ def per_request_costs(n: int = 50_000) -> tuple[float, float]:
         t.first_token()
         t.finish("completed", 200, "12 16")
     tracker_us = (time.perf_counter() - t0) / n * 1e6
+    # As `nebula.logs.configure` sets them in every Nebula process.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     with open(os.devnull, "w") as sink:
         handler = logging.StreamHandler(sink)
         handler.setFormatter(logs.JsonFormatter("worker"))

@@ -152,6 +152,12 @@ def configure(
         handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter(component) if fmt == "json" else TextFormatter(component))
     handler.addFilter(_RequestIdFilter())
+    # Nothing we write needs the caller's file and line, thread or process names: skip
+    # gathering them for every record (the logging HOWTO's "Optimization" switches).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

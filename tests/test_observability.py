@@ -306,6 +306,7 @@ def test_json_log_format_carries_request_id(capsys: pytest.CaptureFixture[str]) 
 
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
+    flags = (logging._srcfile, logging.logThreads, logging.logProcesses)
     logs.configure(component="gateway", level="info", fmt="json")
     try:
         token = logs.REQUEST_ID.set("rid-42")
@@ -315,6 +316,8 @@ def test_json_log_format_carries_request_id(capsys: pytest.CaptureFixture[str]) 
     finally:  # give the root logger back as pytest set it up
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
+        logging._srcfile, logging.logThreads, logging.logProcesses = flags
+        logging.logMultiprocessing = True
     (line,) = capsys.readouterr().err.splitlines()
     obj = json.loads(line)
     assert obj["request_id"] == "rid-42" and obj["msg"] == "hello there"
