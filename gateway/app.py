@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import msgspec
 from fastapi import FastAPI
 from nats.aio.client import Client
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
@@ -27,11 +27,22 @@ from gateway.dispatcher import Call, Dispatcher
 from gateway.errors import (
     client_gone_handler,
     decode,
+    error_response,
     http_error_handler,
     nebula_error_handler,
     sse_error,
     unhandled_error_handler,
 )
+from gateway.metrics import (
+    CLIENT_GONE,
+    COMPLETED,
+    ERROR,
+    GatewayMetrics,
+    NullTracker,
+    Tracker,
+    poll_queue_gauges,
+)
+from gateway.metrics import tracker as new_tracker
 from gateway.registry import ModelRegistry
 from nebula import natsio
 from nebula.admin import AdapterRequest, ClusterAdmin, LoadRequest
@@ -43,6 +54,8 @@ from nebula.errors import (
     RequestTimeout,
     Unavailable,
 )
+from nebula.logs import REQUEST_ID
+from nebula.metrics import CONTENT_TYPE, NatsCollector
 from nebula.openai_types import (
     MAX_EMBEDDING_INPUTS,
     AdapterModel,
@@ -65,24 +78,21 @@ _HEADER_ROOM = 4096
 # client sees the answer instead of a reset connection while still sending.
 _DRAIN_LIMIT = 64 * 1024 * 1024
 
+# Seconds between refreshes of the queue-depth gauges (a few JetStream calls per model).
+_GAUGE_INTERVAL = 2.0
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# A client's X-Request-Id is used as it is when it is a safe NATS subject token of
+# sane length (UUIDs, ULIDs, req_...); anything else gets a fresh id, returned in the
+# response header like any generated one.
+_SAFE_ID = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-:")
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
-class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.requests = Counter(
-            "nebula_gateway_requests",
-            "Requests by model and status",
-            ["model", "status"],
-            registry=registry,
-        )
-        self.ttfb = Histogram(
-            "nebula_gateway_first_frame_seconds",
-            "Time until a worker started the job",
-            registry=registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-        )
+def request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id")
+    if rid and len(rid) <= 128 and _SAFE_ID.issuperset(rid):
+        return rid
+    return uuid.uuid4().hex
 
 
 class Gateway(Service):
@@ -102,8 +112,13 @@ class Gateway(Service):
         self.nc = nc
         self.gateway_id = settings.gateway_id or uuid.uuid4().hex[:12]
         self.models = ModelRegistry()
-        self.dispatcher = Dispatcher(nc, settings, nats_settings, self.models, self.gateway_id)
-        self.metrics = Metrics(registry or CollectorRegistry())
+        self.metrics = GatewayMetrics(
+            registry or CollectorRegistry(), enabled=settings.request_metrics
+        )
+        self.metrics.registry.register(NatsCollector("gateway", lambda: self.nc))
+        self.dispatcher = Dispatcher(
+            nc, settings, nats_settings, self.models, self.gateway_id, self.metrics
+        )
         self.hooks = hooks
         self.admin: ClusterAdmin | None = None
         limit = settings.max_body_bytes
@@ -113,11 +128,15 @@ class Gateway(Service):
         # Set on SIGTERM: new requests get 503 while open ones finish.
         self.draining = False
         self._closed = False
+        self._gauges: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.dispatcher.start()
         self.admin = await ClusterAdmin.open(self.nc, self.nats_settings)
         await self._watch()
+        self._gauges = asyncio.create_task(
+            poll_queue_gauges(self.metrics, self.admin, self.models, _GAUGE_INTERVAL)
+        )
         if self.hooks is not None:
             self.hooks.add(self._on_reconnect)
 
@@ -135,6 +154,10 @@ class Gateway(Service):
         if self._closed:
             return
         self._closed = True
+        if self._gauges is not None:
+            self._gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauges
         if self.hooks is not None:
             self.hooks.remove(self._on_reconnect)
         await self.models.stop()
@@ -177,13 +200,51 @@ def create_app(gw: Gateway) -> FastAPI:
     app.add_exception_handler(ClientDisconnect, client_gone_handler)
     metrics = gw.metrics
 
-    async def submit(request: Request, endpoint: Endpoint) -> Response:
+    async def handle(request: Request, endpoint: Endpoint) -> Response:
+        """One request's id and accounting around everything it does: every request
+        ends in exactly one outcome, and every answer carries its X-Request-Id."""
+        rid = request_id(request)
+        REQUEST_ID.set(rid)  # this request's task (and tasks it starts) log with it
+        tracker = new_tracker(metrics, endpoint.value)
+        try:
+            response = await submit(request, endpoint, rid, tracker)
+        except NebulaError as e:
+            tracker.finish(ERROR, e.status)
+            log.info("request failed: %d %s", e.status, e.message)
+            response = error_response(e)
+        except ClientDisconnect:
+            tracker.finish(CLIENT_GONE, 499)
+            raise
+        except Exception:
+            tracker.finish(ERROR, 500)
+            raise
+        response.headers[REQUEST_ID_HEADER] = rid
+        return response
+
+    async def submit(
+        request: Request, endpoint: Endpoint, rid: str, tracker: Tracker | NullTracker
+    ) -> Response:
         body = await _read_body(request, gw.body_limit, gw.settings.body_timeout)
+        if endpoint is Endpoint.EMBEDDING:
+            emb = decode(body, EmbeddingRequest)
+            if not emb.model:
+                raise InvalidRequest("Object missing required field `model`", param="model")
+            n = emb.count()
+            if n == 0:
+                raise InvalidRequest("input must not be empty", param="input")
+            if n > MAX_EMBEDDING_INPUTS:
+                raise InvalidRequest(
+                    f"input has {n} items; at most {MAX_EMBEDDING_INPUTS} per request",
+                    param="input",
+                )
+            return await dispatch(request, emb.model, endpoint, body, rid, tracker, stream=False)
         req: ChatCompletionRequest | CompletionRequest
         if endpoint is Endpoint.CHAT:
             req = decode(body, ChatCompletionRequest)
         else:
             req = decode(body, CompletionRequest)
+        if req.model and gw.models.spec(req.model) is not None:
+            tracker.bind(req.model)  # a bad body for a loaded model counts under its name
         problem = req.problem()
         if problem is not None:
             raise InvalidRequest(problem[1], param=problem[0])
@@ -195,46 +256,38 @@ def create_app(gw: Gateway) -> FastAPI:
                 f"{spec.max_output_tokens} output tokens",
                 param=req.limit_param(),
             )
-        return await dispatch(request, req.model, endpoint, body, stream=req.stream)
+        return await dispatch(request, req.model, endpoint, body, rid, tracker, stream=req.stream)
 
     async def dispatch(
-        request: Request, model: str, endpoint: Endpoint, body: bytes, *, stream: bool
+        request: Request,
+        model: str,
+        endpoint: Endpoint,
+        body: bytes,
+        rid: str,
+        tracker: Tracker | NullTracker,
+        *,
+        stream: bool,
     ) -> Response:
         route = gw.models.resolve(model)  # an adapter queues with its base model
+        if tracker.b is None:
+            tracker.bind(gw.models.base(model))
         if gw.draining:
             raise Unavailable(
                 "the gateway is shutting down; retry", retry_after=gw.settings.retry_after
             )
-        call = await gw.dispatcher.submit(route, endpoint, body)
+        call = await gw.dispatcher.submit(route, endpoint, body, rid)
         try:
             if stream:
-                return await _stream(call, request)
-            return await _unary(call, request)
-        except NebulaError as e:
-            metrics.requests.labels(model, str(e.status)).inc()
-            raise
+                return await _stream(call, request, tracker)
+            return await _unary(call, request, tracker)
         finally:
             if not stream:
                 call.close()
 
-    async def embeddings(request: Request) -> Response:
-        body = await _read_body(request, gw.body_limit, gw.settings.body_timeout)
-        req = decode(body, EmbeddingRequest)
-        if not req.model:
-            raise InvalidRequest("Object missing required field `model`", param="model")
-        n = req.count()
-        if n == 0:
-            raise InvalidRequest("input must not be empty", param="input")
-        if n > MAX_EMBEDDING_INPUTS:
-            raise InvalidRequest(
-                f"input has {n} items; at most {MAX_EMBEDDING_INPUTS} per request",
-                param="input",
-            )
-        return await dispatch(request, req.model, Endpoint.EMBEDDING, body, stream=False)
-
-    async def _unary(call: Call, request: Request) -> Response:
+    async def _unary(call: Call, request: Request, tracker: Tracker | NullTracker) -> Response:
         async def answer() -> bytes:
             await call.wait_started()
+            tracker.started(call.started_at - call.published_at)
             async for kind, data in call.frames():
                 if kind == "end":
                     return data
@@ -245,13 +298,16 @@ def create_app(gw: Gateway) -> FastAPI:
         finally:
             await call.cancel()  # no-op once the answer is complete; stops it otherwise
         if data is None:
+            tracker.finish(CLIENT_GONE, 499)
+            log.info("client left before the answer")
             return Response(status_code=499)
-        metrics.requests.labels(call.model, "200").inc()
+        tracker.finish(COMPLETED, 200, call.usage)
         return Response(data, media_type="application/json")
 
-    async def _stream(call: Call, request: Request) -> Response:
+    async def _stream(call: Call, request: Request, tracker: Tracker | NullTracker) -> Response:
         async def opening() -> tuple[tuple[str, bytes], AsyncIterator[tuple[str, bytes]]]:
             await call.wait_started()
+            tracker.started(call.started_at - call.published_at)
             frames = call.frames()
             # Hold the HTTP status until the first answer frame, so an error the
             # worker reports at once (bad request upstream) is a real status code.
@@ -266,16 +322,21 @@ def create_app(gw: Gateway) -> FastAPI:
         if opened is None:  # gave up while queued: withdraw the job, never run it
             await call.cancel()
             call.close()
+            tracker.finish(CLIENT_GONE, 499)
+            log.info("client left before the first token")
             return Response(status_code=499)
+        tracker.first_token()
         first, frames = opened
-        metrics.requests.labels(call.model, "200").inc()
-        return RelayResponse(call, first, frames, gw.settings.slow_client_timeout)
+        return RelayResponse(call, first, frames, gw.settings.slow_client_timeout, tracker)
 
     async def chat(request: Request) -> Response:
-        return await submit(request, Endpoint.CHAT)
+        return await handle(request, Endpoint.CHAT)
 
     async def completions(request: Request) -> Response:
-        return await submit(request, Endpoint.COMPLETION)
+        return await handle(request, Endpoint.COMPLETION)
+
+    async def embeddings(request: Request) -> Response:
+        return await handle(request, Endpoint.EMBEDDING)
 
     async def list_models(request: Request) -> Response:
         data: list[Model] = []
@@ -310,7 +371,7 @@ def create_app(gw: Gateway) -> FastAPI:
         )
 
     async def prometheus(request: Request) -> Response:
-        return Response(generate_latest(metrics.registry), media_type="text/plain; version=0.0.4")
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE)
 
     def admin() -> ClusterAdmin:
         assert gw.admin is not None, "gateway not started"
@@ -418,12 +479,16 @@ class RelayResponse(StreamingResponse):
         first: tuple[str, bytes],
         frames: AsyncIterator[tuple[str, bytes]],
         slow_timeout: float,
+        tracker: Tracker | NullTracker,
     ) -> None:
         super().__init__(iter(()), media_type="text/event-stream", headers=_SSE_HEADERS)
         self.call = call
         self.first = first
         self.frames = frames
         self.slow_timeout = slow_timeout
+        self.tracker = tracker
+        # The stream's end as the relay saw it: None until then (client gone).
+        self.ended: tuple[str, int] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         call = self.call
@@ -451,6 +516,12 @@ class RelayResponse(StreamingResponse):
             relay.cancel()
             await call.cancel()  # no-op once the stream ended
             call.close()
+            # Completed only if the end frame reached the socket; a client that left
+            # (or was cut off as too slow) at any point before is client_gone.
+            outcome, status = self.ended or (CLIENT_GONE, 200)
+            self.tracker.finish(outcome, status, call.usage)
+            if outcome != COMPLETED:
+                log.info("stream ended: %s (%d)", outcome, status)
 
     async def _write(self, send: Send, data: bytes) -> None:
         try:
@@ -464,6 +535,7 @@ class RelayResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         call.delivered = True
         kind, data = self.first
+        result = (COMPLETED, 200)
         try:
             await self._write(send, data)
             while kind != "end":
@@ -471,10 +543,12 @@ class RelayResponse(StreamingResponse):
                 kind, data = await anext(self.frames)
                 await self._write(send, data)
         except NebulaError as e:
+            result = (ERROR, e.status)
             await self._write(send, sse_error(e))
         except StopAsyncIteration:
             pass
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.ended = result
 
 
 async def _wait_disconnect(receive: Receive) -> None:

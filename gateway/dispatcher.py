@@ -23,6 +23,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
+from gateway.metrics import GatewayMetrics
 from gateway.registry import ModelRegistry
 from nebula import natsio, subjects
 from nebula.errors import (
@@ -78,17 +79,26 @@ class Call:
         "granted",
         "last_seq",
         "model",
+        "published_at",
         "queue",
         "request_id",
         "seq",
+        "started_at",
+        "usage",
         "worker_id",
     )
 
     def __init__(
-        self, dispatcher: Dispatcher, model: str, endpoint: Endpoint, body: bytes, deadline: float
+        self,
+        dispatcher: Dispatcher,
+        model: str,
+        endpoint: Endpoint,
+        body: bytes,
+        deadline: float,
+        request_id: str,
     ) -> None:
         self.dispatcher = dispatcher
-        self.request_id = uuid.uuid4().hex
+        self.request_id = request_id
         self.model = model
         self.endpoint = endpoint
         self.body = body
@@ -105,6 +115,9 @@ class Call:
         self.buffered = 0  # frame bytes received and not yet taken by the relay
         self.consumed = 0  # data bytes written to the client (flow-control credit)
         self.granted = 0  # ``consumed`` as last reported to the worker
+        self.published_at = 0.0  # perf_counter at the last publish, for time in queue
+        self.started_at = 0.0  # perf_counter when a worker started the job
+        self.usage: str | None = None  # "prompt completion" from the end frame
 
     async def _next(self, timeout: float) -> Msg:
         async with asyncio.timeout(timeout):
@@ -151,6 +164,7 @@ class Call:
                 raise _wire_error(msg)
             # A start, or (its start lost in a reconnect) the attempt's second frame.
             self.worker_id = hdrs.get(subjects.H_WORKER) or "?"
+            self.started_at = time.perf_counter()
             if kind != _START and kind != _KEEPALIVE:
                 self.queue.put_nowait(msg)  # data/end: let frames() take it
                 self.buffered += len(msg.data)
@@ -167,6 +181,7 @@ class Call:
         log.warning(
             "request %s attempt %d: %s; queueing it again", self.request_id, self.attempt, why
         )
+        self.dispatcher.metrics.count_requeued(self.model)
         # Stop the old attempt first: a worker that comes back must not finish it too.
         await self.dispatcher.cancel_attempt(self)
         self.worker_id = None
@@ -193,10 +208,12 @@ class Call:
             if kind == _ERROR:
                 self.done = True
                 raise _wire_error(msg)
-            yield kind or _DATA, msg.data
             if kind == _END:
                 self.done = True
+                self.usage = msg.headers.get(subjects.H_USAGE) if msg.headers else None
+                yield kind, msg.data
                 return
+            yield kind or _DATA, msg.data
 
     async def written(self, n: int) -> None:
         """``n`` answer bytes reached the client: grant the worker that much credit."""
@@ -243,8 +260,10 @@ class Dispatcher:
         nats_settings: NatsSettings,
         registry: ModelRegistry,
         gateway_id: str,
+        metrics: GatewayMetrics,
     ) -> None:
         self.nc = nc
+        self.metrics = metrics
         self.js = nc.jetstream()
         self.settings = settings
         self.nats_settings = nats_settings
@@ -331,9 +350,11 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             await self.nc.publish(subjects.credit_subject(call.worker_id), body)
 
-    async def submit(self, model: str, endpoint: Endpoint, body: bytes) -> Call:
+    async def submit(self, model: str, endpoint: Endpoint, body: bytes, request_id: str) -> Call:
         deadline = time.time() + self.settings.dispatch_timeout
-        call = Call(self, model, endpoint, body, deadline)
+        if request_id in self.calls:  # a client reusing its id for concurrent requests
+            request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
+        call = Call(self, model, endpoint, body, deadline, request_id)
         self.calls[call.request_id] = call
         self._idle.clear()
         try:
@@ -363,8 +384,10 @@ class Dispatcher:
             )
         for retry in (True, False):
             try:
+                call.published_at = time.perf_counter()
                 ack = await self.js.publish(subject, call.body, headers=headers, timeout=5.0)
                 call.seq = ack.seq
+                self.metrics.count_published(call.model)
                 return
             except APIError as e:
                 if e.err_code in _JS_QUEUE_FULL:
@@ -413,6 +436,7 @@ class Dispatcher:
             if call.done or call.worker_id is not None or call.request_id not in self.calls:
                 continue  # started (or ended) while we looked
             log.warning("request %s was lost with NATS; queueing it again", call.request_id)
+            self.metrics.count_requeued(call.model)
             try:
                 await self.publish(call)
             except NebulaError as e:

@@ -74,6 +74,7 @@ class GatewayServer(Service):
             http=self.guard.protocol,  # type: ignore[arg-type]
             timeout_keep_alive=self.settings.idle_timeout,
             log_level="warning",
+            log_config=None,  # uvicorn's lines go through our handler (JSON or text) too
             access_log=False,
             # A hard cap only: close() drains for drain_timeout and then ends every
             # open stream with an error event itself.

@@ -347,6 +347,14 @@ class ClusterAdmin:
                 depths[name] = int(info.state.messages)
         return depths
 
+    async def batch_depths(self) -> dict[str, int]:
+        """Batch-job items waiting, per model."""
+        return await self._per_model(subjects.JOB_STREAM)
+
+    async def dead_letter_counts(self) -> dict[str, int]:
+        """Jobs on the dead-letter stream, per model."""
+        return await self._per_model(subjects.DLQ_STREAM)
+
     async def _per_model(self, stream: str) -> dict[str, int]:
         """Messages per model token on a stream whose subjects end in the model token."""
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import sys
 import time
@@ -15,9 +14,11 @@ from typing import Any, TypeVar
 import click
 import msgspec
 
+from nebula import logs
 from nebula.admin import ClusterAdmin, ModelStatus, NodeStatus
 from nebula.cli_options import options_from, take
 from nebula.errors import EngineError, NebulaError, Unavailable
+from nebula.logs import FORMATS
 from nebula.settings import (
     DEFAULT_NATS_PORT,
     DEFAULT_NATS_URL,
@@ -65,11 +66,45 @@ def _nats(url: str) -> NatsSettings:
 
 
 @click.group()
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.option(
+    "--log-level",
+    envvar="NEBULA_LOG_LEVEL",
+    default=None,
+    help="Level, optionally per component: `info` or `warning,gateway=debug,workers=info` "
+    "(logger prefixes). [env: NEBULA_LOG_LEVEL; default: warning]",
+)
+@click.option(
+    "--log-format",
+    envvar="NEBULA_LOG_FORMAT",
+    type=click.Choice(FORMATS),
+    default="text",
+    show_default=True,
+    help="text (readable) or json (one object per line). [env: NEBULA_LOG_FORMAT]",
+)
+@click.option(
+    "--log-file",
+    envvar="NEBULA_LOG_FILE",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Append logs to this file instead of stderr. [env: NEBULA_LOG_FILE]",
+)
+@click.pass_context
+def main(
+    ctx: click.Context, verbose: int, log_level: str | None, log_format: str, log_file: Path | None
+) -> None:
     """Nebula: an OpenAI-compatible inference fabric over NATS JetStream."""
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    level = log_level or ("warning", "info", "debug")[min(verbose, 2)]
+    try:
+        logs.configure(
+            component=ctx.invoked_subcommand or "nebula", level=level, fmt=log_format, file=log_file
+        )
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--log-level") from None
+    # Child processes (nebula up's children, a node agent's workers) log alike: they
+    # read the same variables. The file is per process, so it is not passed on.
+    os.environ["NEBULA_LOG_LEVEL"] = level
+    os.environ["NEBULA_LOG_FORMAT"] = log_format
 
 
 gateway_options = options_from(GatewaySettings)
@@ -500,26 +535,57 @@ def cluster() -> None:
 
 @cluster.command("status")
 @nats_url_option
-@click.option("--watch", is_flag=True, help="Refresh in place every --interval seconds.")
+@click.option(
+    "--gateway-url",
+    envvar="NEBULA_GATEWAY_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="Gateway(s) whose /metrics give request rates and TTFT (comma-separated).",
+)
+@click.option("--watch", is_flag=True, help="A live view, refreshed every --interval seconds.")
 @click.option("--interval", default=2.0, show_default=True, type=float)
 @click.option("--json", "as_json", is_flag=True)
-def cluster_status(nats_url: str, watch: bool, interval: float, as_json: bool) -> None:
-    """Nodes (heartbeat age, GPUs, free memory, placements) and models (queue depth)."""
+def cluster_status(
+    nats_url: str, gateway_url: str, watch: bool, interval: float, as_json: bool
+) -> None:
+    """Nodes (heartbeat, GPUs, memory, placements), models (replicas, queue depth, dead
+    letters) and traffic per model from the gateways (req/s, TTFT p50/p99)."""
+    import httpx
+
+    from nebula import status as st
+
+    urls = [u.strip() for u in gateway_url.split(",") if u.strip()]
 
     async def go() -> None:
-        async with _admin(nats_url) as admin:
-            while True:
-                nodes, models = await admin.nodes(), await admin.models()
-                if as_json:
-                    click.echo(msgspec.json.encode({"nodes": nodes, "models": models}).decode())
-                else:
-                    text = _render_status(nodes, models)
-                    if watch:
-                        click.clear()
-                    click.echo(text)
-                if not watch:
-                    return
-                await asyncio.sleep(interval)
+        prev: dict[str, st.GatewayScrape] = {}
+        live: Any = None
+        async with _admin(nats_url) as admin, httpx.AsyncClient(timeout=2.0) as http:
+            try:
+                while True:
+                    scrapes = [await st.scrape(http, u) for u in urls]
+                    report = st.ClusterStatus(
+                        nodes=await admin.nodes(),
+                        models=await admin.models(),
+                        gateways=[st.combine(c, prev.get(c.url)) for c in scrapes],
+                    )
+                    prev = {c.url: c for c in scrapes}
+                    if as_json:
+                        click.echo(msgspec.json.encode(report).decode())
+                    elif watch and live is None:
+                        from rich.live import Live
+
+                        live = Live(st.render(report), auto_refresh=False, screen=False)
+                        live.start()
+                    elif watch:
+                        live.update(st.render(report), refresh=True)
+                    else:
+                        click.echo(_render_status(report.nodes, report.models))
+                    if not watch:
+                        return
+                    await asyncio.sleep(interval)
+            finally:
+                if live is not None:
+                    live.stop()
 
     _run(go())
 
@@ -575,6 +641,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def scheduler(nats_url: str, **kw: Any) -> None:
     """Run a scheduler (several may run: one leads, the others stand by)."""
     from nebula import natsio
+    from nebula.metrics import serve_metrics
     from nebula.procs import run_until_signal
     from nebula.scheduler import Scheduler
 
@@ -584,11 +651,17 @@ def scheduler(nats_url: str, **kw: Any) -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         nc = await natsio.connect(_nats(nats_url), name="nebula-scheduler")
+        metrics = None
         try:
-            async with Scheduler(nc, settings, nats_settings=_nats(nats_url)):
+            async with Scheduler(nc, settings, nats_settings=_nats(nats_url)) as sched:
+                metrics = await serve_metrics(
+                    sched.registry, settings.metrics_host, settings.metrics_port, "scheduler"
+                )
                 click.echo(f"nebula scheduler ({settings.strategy}) on {nats_url}", err=True)
                 await stop.wait()
         finally:
+            if metrics is not None:
+                await metrics.close()
             await natsio.close_connection(nc)
 
     _run(run_until_signal(serve))
@@ -612,6 +685,7 @@ def scheduler(nats_url: str, **kw: Any) -> None:
 )
 def node(nats_url: str, labels: tuple[str, ...], **kw: Any) -> None:
     """Run the node agent: inventory, heartbeats, one worker process per placement."""
+    from nebula.metrics import serve_metrics
     from nebula.procs import run_until_signal
     from nebula.settings import NodeSettings, parse_labels
     from workers.node import NodeAgent
@@ -623,10 +697,66 @@ def node(nats_url: str, labels: tuple[str, ...], **kw: Any) -> None:
 
     async def serve(stop: asyncio.Event) -> None:
         async with NodeAgent(settings, _nats(nats_url)) as agent:
+            metrics = await serve_metrics(
+                agent.registry,
+                settings.metrics_host,
+                settings.metrics_port,
+                f"node {agent.node_id}",
+            )
             click.echo(f"nebula node {agent.node_id} on {nats_url}", err=True)
-            await stop.wait()
+            try:
+                await stop.wait()
+            finally:
+                if metrics is not None:
+                    await metrics.close()
 
     _run(run_until_signal(serve))
+
+
+# --- logs -------------------------------------------------------------------------
+
+
+@main.command("logs")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="NEBULA_DATA_DIR",
+    help="Data folder of `nebula up` (its logs/ folder is read). [default: per-user data]",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they come.")
+@click.option(
+    "--component",
+    default=None,
+    help="gateway | scheduler | node | nats | worker (every worker) | worker:<file>.",
+)
+@click.option("--request-id", default=None, help="Only lines about this request.")
+@click.option("-n", "--lines", default=None, type=int, help="Only the last N lines first.")
+def logs_cmd(
+    data_dir: Path | None,
+    follow: bool,
+    component: str | None,
+    request_id: str | None,
+    lines: int | None,
+) -> None:
+    """Every log file of `nebula up` (gateway, scheduler, node, nats, workers), merged in
+    time order; each line is prefixed with its component."""
+    root = (data_dir or default_data_dir()) / "logs"
+    if not root.is_dir():
+        raise click.ClickException(f"no logs in {root} (is that the data dir of `nebula up`?)")
+    found, offsets = logs.merged(root, component=component, request_id=request_id)
+    if lines is not None:
+        found = found[-lines:] if lines > 0 else []
+    width = max((len(ln.component) for ln in found), default=9)
+    for ln in found:
+        click.echo(f"{ln.component:<{width}} | {ln.text}")
+    while follow:
+        try:
+            time.sleep(0.25)
+        except KeyboardInterrupt:
+            return
+        for ln in logs.follow(root, offsets, component=component, request_id=request_id):
+            click.echo(f"{ln.component:<{width}} | {ln.text}")
 
 
 # --- batch jobs -----------------------------------------------------------------

@@ -50,6 +50,15 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     adapters: list[str] = msgspec.field(default_factory=list)
     # While starting (ready False): what the worker is doing, e.g. "loading weights".
     phase: str = ""
+    # Counters since the worker started (its node agent exports them as metrics).
+    jobs_started: int = 0
+    jobs_completed: int = 0
+    jobs_failed: int = 0
+    jobs_cancelled: int = 0
+    jobs_redelivered: int = 0
+    jobs_dead_lettered: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,6 +111,7 @@ class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str = ""
     memory_total: int = 0
     memory_free: int = 0
+    utilization: float = -1.0  # NVML's GPU utilisation in [0, 1]; -1: not known (simulated)
 
 
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -150,6 +150,9 @@ class GatewaySettings:
     max_connections: int = setting(
         4096, "Open connections at most; beyond, head-less ones are evicted, then 503."
     )
+    request_metrics: bool = setting(
+        True, "Record per-request metrics (turn off only to measure what they cost)."
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> GatewaySettings:
@@ -238,6 +241,14 @@ class SchedulerSettings:
     debounce: float = setting(0.05, "Bursts of KV updates within this window make one pass.")
     max_inflight_writes: int = setting(256, "Placement writes in flight at once.")
     scheduler_id: str | None = setting(None, "Leader key value (default: host-pid-random).")
+    metrics_host: str = setting(
+        "127.0.0.1", "Address the scheduler's /metrics listens on.",
+        env="NEBULA_SCHEDULER_METRICS_HOST",
+    )  # fmt: skip
+    metrics_port: int | None = setting(
+        9402, "Port of the scheduler's /metrics (empty: off).",
+        env="NEBULA_SCHEDULER_METRICS_PORT",
+    )  # fmt: skip
 
     @classmethod
     def from_env(cls, **overrides: object) -> SchedulerSettings:
@@ -289,6 +300,13 @@ class NodeSettings:
         None,
         "Python interpreter for vllm workers, for sites that keep vLLM in its own "
         "environment (Nebula must be installed there too).",
+    )
+    metrics_host: str = setting(
+        "127.0.0.1", "Address /metrics (this node and its workers) listens on.",
+        env="NEBULA_NODE_METRICS_HOST",
+    )  # fmt: skip
+    metrics_port: int | None = setting(
+        9401, "Port of the node's /metrics (empty: off).", env="NEBULA_NODE_METRICS_PORT"
     )
 
     @classmethod

@@ -27,6 +27,8 @@ from nebula.settings import (
     EmbeddedNatsSettings,
     GatewaySettings,
     NatsSettings,
+    NodeSettings,
+    SchedulerSettings,
     env_name,
     from_env,
     setting,
@@ -154,7 +156,14 @@ class Stack:
                     f"{base}/v1/models", lambda r: DEMO_MODEL in r.text, tasks, what=DEMO_MODEL
                 )
             self.echo(f"gateway   {base}/v1  (OpenAI API; /health /ready /metrics)")
-            self.echo("control   nebula model load|unload|list, nebula cluster status")
+            node_m = NodeSettings.from_env()
+            sched_m = SchedulerSettings.from_env()
+            self.echo(
+                f"metrics   {base}/metrics, node http://{node_m.metrics_host}:"
+                f"{node_m.metrics_port}/metrics, scheduler http://{sched_m.metrics_host}:"
+                f"{sched_m.metrics_port}/metrics"
+            )
+            self.echo("control   nebula model load|unload|list, nebula cluster status [--watch]")
             if self.demo:
                 self.echo(f"model     {DEMO_MODEL}  (simulated engine)")
                 if demo_embedding():
@@ -166,7 +175,8 @@ class Stack:
                     f'application/json\' -d \'{{"model":"{DEMO_MODEL}","messages":'
                     f'[{{"role":"user","content":"hi"}}]}}\''
                 )
-            self.echo(f"logs      {self.log_dir}   Ctrl-C stops everything")
+            self.echo(f"logs      {self.log_dir}   (nebula logs -f --data-dir {self.data_dir})")
+            self.echo("Ctrl-C stops everything")
             stopper = asyncio.ensure_future(stop.wait())
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()

@@ -112,4 +112,4 @@ async def test_probes(fabric: Fabric) -> None:
         r = await http.get("/ready")
         assert r.status_code == 200 and r.json()["nats"] == "connected"
         m = await http.get("/metrics")
-        assert m.status_code == 200 and "nebula_gateway_requests" in m.text
+        assert m.status_code == 200 and "nebula_requests_total" in m.text

@@ -135,12 +135,17 @@ def _nvml_read(nvml: ModuleType) -> list[GpuInfo]:
     for i in range(int(nvml.nvmlDeviceGetCount())):
         handle = nvml.nvmlDeviceGetHandleByIndex(i)
         mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        try:  # some devices (MIG instances) have no utilisation counter
+            util = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0
+        except Exception:
+            util = -1.0
         gpus.append(
             GpuInfo(
                 index=i,
                 name=_text(nvml.nvmlDeviceGetName(handle)),
                 memory_total=int(mem.total),
                 memory_free=int(mem.free),
+                utilization=util,
             )
         )
     return gpus

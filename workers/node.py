@@ -44,14 +44,17 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+from prometheus_client import CollectorRegistry
 
 from nebula import natsio, procs, subjects
 from nebula.errors import Unavailable
+from nebula.metrics import NatsCollector
 from nebula.protocol import GpuInfo, ModelSpec, NodeInfo, Placement, PlacementState, WorkerInfo
 from nebula.service import Service
 from nebula.settings import NatsSettings, NodeSettings, default_data_dir
 from workers import gpu
 from workers.engines import ENGINES
+from workers.metrics import NodeCollector, NodeView
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +174,7 @@ class _Replica:
         self.handle: WorkerHandle | None = None
         self._ready = asyncio.Event()
         self._sub: Subscription | None = None
+        self.info: WorkerInfo | None = None
         self._log_offset = 0
         self._spawning: asyncio.Task[asyncio.subprocess.Process] | None = None
         self.crashes = 0  # in a row
@@ -377,6 +381,8 @@ class _Replica:
                 info = msgspec.json.decode(msg.data, type=WorkerInfo)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 return
+            if self.handle is not None and self.handle.worker_id == info.worker_id:
+                self.info = info  # the latest heartbeat: what the node's /metrics reports
             if info.ready and not info.draining:
                 ready.set()
             elif not info.ready and info.phase and info.phase != self.note:
@@ -471,6 +477,9 @@ class _Replica:
         """Forget ``h`` and drop the subscription to its heartbeat."""
         if h is not None and self.handle is h:
             self.handle = None
+        if self.info is not None:  # keep its counters: node totals stay monotonic
+            self.agent.metrics_view.retire(self.info)
+            self.info = None
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):
@@ -583,6 +592,7 @@ class NodeAgent(Service):
         *,
         nc: Client | None = None,
         inventory: gpu.GpuInventory | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings or NodeSettings()
         self.nats_settings = nats_settings or NatsSettings()
@@ -606,6 +616,16 @@ class NodeAgent(Service):
         self._models_kv: KeyValue | None = None
         self._node_key = subjects.node_key(self.node_id)
         self._started_at = time.time()
+        self._last_info: NodeInfo | None = None
+        self.registry = registry or CollectorRegistry()
+        self.metrics_view = NodeView(
+            self.node_id,
+            lambda: self._last_info,
+            lambda: [r.info for r in self._replicas.values() if r.info is not None],
+            crashes=lambda: self.stats.crashes,
+        )
+        self.registry.register(NodeCollector(self.metrics_view))
+        self.registry.register(NatsCollector("node", lambda: self._nc))
 
     # --- public view -------------------------------------------------------------
 
@@ -792,7 +812,8 @@ class NodeAgent(Service):
 
     async def _heartbeat_once(self) -> None:
         assert self._nodes_kv is not None
-        await self._nodes_kv.put(self._node_key, msgspec.json.encode(self.node_info()))
+        info = self._last_info = self.node_info()
+        await self._nodes_kv.put(self._node_key, msgspec.json.encode(info))
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval

@@ -38,7 +38,8 @@ from nebula.errors import (
     Unavailable,
     WorkerLost,
 )
-from nebula.openai_types import SSE_DONE, StreamFlags, sse
+from nebula.logs import REQUEST_ID
+from nebula.openai_types import SSE_DONE, StreamFlags, Usage, sse
 from nebula.protocol import BatchJob, Endpoint, FrameKind, JobState, ModelSpec, WorkerInfo
 from nebula.service import Service
 from nebula.settings import NatsSettings, WorkerSettings
@@ -181,6 +182,11 @@ class Worker(Service):
         self.jobs_fenced = 0
         self.jobs_stale = 0
         self.jobs_dead_lettered = 0
+        self.jobs_redelivered = 0
+        self.jobs_completed = 0
+        self.jobs_failed = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
         self.peak_inflight = 0
         self._last_repair = 0.0
         self._last_tick = time.monotonic()
@@ -553,6 +559,8 @@ class Worker(Service):
         except Exception:
             delivered = 1
         await self.nc.publish(msg.reply, _ACK)
+        if delivered > 1:
+            self.jobs_redelivered += 1
         parsed = _parse_headers(hdrs)
         reply = parsed.reply if isinstance(parsed, _JobHeaders) else hdrs.get(subjects.H_REPLY, "")
         if not _valid_reply(reply):
@@ -658,6 +666,9 @@ class Worker(Service):
     # --- running a job -----------------------------------------------------------
 
     async def _run(self, job: _InFlight, msg: Msg, hdrs: _JobHeaders) -> None:
+        REQUEST_ID.set(job.request_id)  # every line this job's task logs carries it
+        began = time.perf_counter()
+        outcome = "cancelled"
         try:
             if hdrs.deadline and hdrs.deadline < time.time():
                 self.jobs_expired += 1
@@ -692,27 +703,48 @@ class Worker(Service):
                 include_usage=flags.include_usage,
             )
             if work.stream:
-                await self._stream(job, work)
+                usage = await self._stream(job, work)
             else:
                 body = b""
+                usage = None
                 async for out in self.engine.generate(work):
                     body = out.chunk
-                await self._frame(job, FrameKind.END, body)
+                    usage = out.usage
+                await self._frame(job, FrameKind.END, body, usage)
+            outcome = "completed"
+            self.jobs_completed += 1
+            if usage is not None:
+                self.prompt_tokens += usage.prompt_tokens
+                self.completion_tokens += usage.completion_tokens or 0
         except asyncio.CancelledError:
             pass  # cancelled by the client, by the gateway's fence or by close()
         except _Fenced:
             self.jobs_fenced += 1
+            outcome = "abandoned"
             log.warning(
                 "request %s attempt %d: silent past the gateway's timeout; abandoned",
                 job.request_id,
                 job.attempt,
             )
         except NebulaError as e:
+            outcome = f"error {e.status}"
+            self.jobs_failed += 1
             await self._send_error(job, e)
         except Exception as e:
+            outcome = "error 500"
+            self.jobs_failed += 1
             log.exception("job %s failed", job.request_id)
             await self._send_error(job, EngineError(f"engine failed: {e!r}"))
         finally:
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "request %s attempt %d %s: %s in %.1f ms",
+                    job.request_id,
+                    job.attempt,
+                    hdrs.endpoint.value,
+                    outcome,
+                    (time.perf_counter() - began) * 1000,
+                )
             with contextlib.suppress(Exception):
                 await self.engine.abort(job.engine_id)  # no-op for a finished request
             self._inflight.pop(job.key, None)
@@ -720,11 +752,14 @@ class Worker(Service):
                 self._idle.set()
             await self._refill()
 
-    async def _stream(self, job: _InFlight, work: Job) -> None:
+    async def _stream(self, job: _InFlight, work: Job) -> Usage | None:
         first = True
         limit = self.settings.batch_tokens
+        usage: Usage | None = None
         async for out in self.engine.generate(work):
             self._last_progress = time.monotonic()
+            if out.usage is not None:
+                usage = out.usage
             if not out.chunk:
                 continue
             job.buf.append(out.chunk if out.framed else sse(out.chunk))
@@ -742,7 +777,8 @@ class Worker(Service):
         body = b"".join(job.buf)
         job.buf.clear()
         job.buf_tokens = 0
-        await self._frame(job, FrameKind.END, body)
+        await self._frame(job, FrameKind.END, body, usage)
+        return usage
 
     async def _wait_credit(self, job: _InFlight) -> None:
         """Take nothing more from the engine until the client has read enough: the
@@ -780,13 +816,18 @@ class Worker(Service):
             subjects.H_ATTEMPT: str(job.attempt),
         }
 
-    async def _frame(self, job: _InFlight, kind: FrameKind, body: bytes) -> None:
+    async def _frame(
+        self, job: _InFlight, kind: FrameKind, body: bytes, usage: Usage | None = None
+    ) -> None:
         now = time.monotonic()
         if job.fenced or (job.silence and now - job.last_sent > job.silence * _FENCE):
             job.fenced = True
             raise _Fenced
         job.last_sent = now
-        await self.nc.publish(job.reply, body, headers=self._headers(job, kind))
+        headers = self._headers(job, kind)
+        if usage is not None:  # the gateway counts tokens from it, without parsing bodies
+            headers[subjects.H_USAGE] = f"{usage.prompt_tokens} {usage.completion_tokens or 0}"
+        await self.nc.publish(job.reply, body, headers=headers)
 
     async def _send_error(self, job: _InFlight, err: NebulaError) -> None:
         if not job.reply or job.fenced:
@@ -898,6 +939,14 @@ class Worker(Service):
             engine_waiting=load.waiting,
             kv_cache_usage=load.kv_cache_usage,
             adapters=sorted(self._adapter_host.adapters) if self._adapter_host else [],
+            jobs_started=self.jobs_started,
+            jobs_completed=self.jobs_completed,
+            jobs_failed=self.jobs_failed,
+            jobs_cancelled=self.jobs_cancelled,
+            jobs_redelivered=self.jobs_redelivered,
+            jobs_dead_lettered=self.jobs_dead_lettered,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
         )
 
     async def _heartbeat_once(self) -> None:

@@ -12,6 +12,7 @@ only through a small typed probe (token count, usage, error), never re-encoded.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -59,6 +60,7 @@ class ChunkProbe(msgspec.Struct):
         return 0
 
 
+_SAFE_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,200}").fullmatch
 _probe = msgspec.json.Decoder(ChunkProbe)
 
 
@@ -166,7 +168,11 @@ class OpenAIEngine:
         path = _PATHS.get(job.endpoint)
         if path is None:
             raise EngineError(f"openai engine does not serve {job.endpoint.value}", status=400)
-        request = self._pool.build(b"POST", path, self._request_body(job))
+        # The request id travels on (vLLM, most proxies and their logs know X-Request-Id);
+        # ids with anything but plain characters are not sent (no header injection).
+        rid = job.request_id
+        extra = b"X-Request-Id: " + rid.encode() + b"\r\n" if _SAFE_ID(rid) else b""
+        request = self._pool.build(b"POST", path, self._request_body(job), extra)
         rename = self._renamer(job)
 
         def named(chunk: bytes) -> bytes:

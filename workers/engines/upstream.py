@@ -249,8 +249,11 @@ class Pool:
         self.busy: set[Connection] = set()  # exchanges under way (observable in tests)
         self._closed = False
 
-    def build(self, method: bytes, path: bytes, body: bytes | None = None) -> bytes:
-        head = method + b" " + self.base_path + path + self._head_tail
+    def build(
+        self, method: bytes, path: bytes, body: bytes | None = None, headers: bytes = b""
+    ) -> bytes:
+        """``headers``: extra ``Name: value\r\n`` lines, already checked by the caller."""
+        head = method + b" " + self.base_path + path + self._head_tail + headers
         if body is None:
             return head + b"\r\n"
         return (

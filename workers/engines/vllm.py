@@ -334,6 +334,8 @@ class VllmEngine:
             "raw_path": path.encode(),
             "root_path": "",
             "query_string": b"",
+            # No X-Request-Id here: vLLM would take it as its engine request id, and two
+            # clients reusing one id would collide inside the engine.
             "headers": [*self._headers, (b"content-length", str(len(call.body)).encode())],
             "client": ("127.0.0.1", 0),
             "server": ("nebula-worker", 0),
