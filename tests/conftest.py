@@ -21,7 +21,7 @@ from openai import AsyncOpenAI
 
 from gateway.server import GatewayServer
 from nebula import natsio
-from nebula.embedded import EmbeddedNats
+from nebula.embedded import EmbeddedCluster, EmbeddedNats
 from nebula.settings import (
     EmbeddedNatsSettings,
     GatewaySettings,
@@ -79,6 +79,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def nats_cluster_at(tmp: Path, size: int = 3) -> EmbeddedCluster:
+    """A started JetStream cluster of ``size`` servers on free ports (a fresh one per
+    caller: chaos tests kill its members)."""
+    cluster = EmbeddedCluster(
+        tmp, [free_port() for _ in range(size)], [free_port() for _ in range(size)]
+    )
+    try:
+        await cluster.start()
+    except BaseException:
+        await cluster.close()
+        raise
+    return cluster
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[EmbeddedCluster]:
+    cluster = await nats_cluster_at(tmp_path / "cluster")
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
 
 
 async def fresh_nats(tmp: Path, port: int = 0) -> EmbeddedNats:

@@ -1,0 +1,135 @@
+"""A real 3-server NATS cluster: replicated streams and buckets, replicas raised in
+place, and JetStream calls that ride through the loss of the connected server."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from nats.js.api import StorageType
+
+from nebula import natsio, subjects
+from nebula.embedded import EmbeddedCluster
+from nebula.settings import NatsSettings
+from tests.conftest import nats_cluster_at, until
+
+
+async def test_cluster_streams_and_buckets_get_three_replicas(
+    nats_cluster: EmbeddedCluster, unique: str
+) -> None:
+    settings = NatsSettings(url=nats_cluster.url)
+    nc = await natsio.connect(settings, name="test")
+    try:
+        assert natsio.cluster_size(nc) == 3
+        js = nc.jetstream()
+        assert natsio.replicas(js, settings) == 3
+        kv = await natsio.models_bucket(js, settings)
+        assert (await kv.status()).stream_info.config.num_replicas == 3
+        await natsio.ensure_batch_streams(js, settings)
+        info = await js.stream_info(subjects.JOB_STREAM)
+        assert info.config.num_replicas == 3 and info.cluster is not None
+        # auto request storage on a cluster: file, R3, so a lost server loses no job
+        model = f"r3-{unique}"
+        await natsio.ensure_request_stream(js, settings, model)
+        info = await js.stream_info(subjects.req_stream(model))
+        assert info.config.storage == StorageType.FILE and info.config.num_replicas == 3
+        # the setting picks memory R1 instead
+        mem = NatsSettings(url=settings.url, request_storage="memory")
+        await natsio.ensure_request_stream(js, mem, f"m-{model}")
+        info = await js.stream_info(subjects.req_stream(f"m-{model}"))
+        assert info.config.storage == StorageType.MEMORY and info.config.num_replicas == 1
+    finally:
+        await nc.close()
+
+
+async def test_single_server_defaults_to_one_replica(
+    nc: object, nats_settings: NatsSettings
+) -> None:
+    from nats.aio.client import Client
+
+    assert isinstance(nc, Client)
+    js = nc.jetstream()
+    assert natsio.cluster_size(nc) == 1 and natsio.replicas(js, nats_settings) == 1
+    storage, n = natsio.request_storage(js, nats_settings)
+    assert (storage, n) == (StorageType.MEMORY, 1)
+
+
+async def test_replicas_raised_in_place_keep_data(
+    nats_cluster: EmbeddedCluster, unique: str
+) -> None:
+    """An R1 deployment (the old default) moved to R3 by the next process that starts:
+    every message and key is still there, now on three servers."""
+    one = NatsSettings(url=nats_cluster.url, replicas=1)
+    nc = await natsio.connect(one, name="test")
+    try:
+        js = nc.jetstream()
+        await natsio.ensure_batch_streams(js, one)
+        kv = await natsio.models_bucket(js, one)
+        await kv.put(f"k-{unique}", b"v")
+        subject = subjects.job_subject(f"raise-{unique}")
+        for i in range(50):
+            await js.publish(subject, f"{i}".encode())
+        before = (await js.stream_info(subjects.JOB_STREAM)).state.messages
+        assert (await js.stream_info(subjects.JOB_STREAM)).config.num_replicas == 1
+
+        three = NatsSettings(url=nats_cluster.url)  # auto: 3 on this cluster
+        await natsio.ensure_batch_streams(js, three)
+        kv = await natsio.models_bucket(js, three)
+        info = await js.stream_info(subjects.JOB_STREAM)
+        assert info.config.num_replicas == 3 and info.state.messages == before
+
+        async def caught_up() -> bool:
+            i = await js.stream_info(subjects.JOB_STREAM)
+            return (
+                i.cluster is not None
+                and len(i.cluster.replicas or []) == 2
+                and all(r.current for r in i.cluster.replicas or [])
+            )
+
+        await until(caught_up, timeout=30)
+        assert (await kv.get(f"k-{unique}")).value == b"v"
+        assert (await kv.status()).stream_info.config.num_replicas == 3
+    finally:
+        await nc.close()
+
+
+async def test_kv_and_stream_survive_losing_the_connected_server(
+    tmp_path: Path, unique: str
+) -> None:
+    """Kill the server a client is connected to: the retry helper carries writes
+    through the failover and the election; a file R3 work queue keeps every message."""
+    cluster = await nats_cluster_at(tmp_path / "c")
+    try:
+        settings = NatsSettings(url=cluster.url, retry_timeout=30.0)
+        nc2 = await natsio.connect(settings, name="test")
+        try:
+            js = nc2.jetstream()
+            kv = await natsio.models_bucket(js, settings)
+            model = f"survive-{unique}"
+            await natsio.ensure_request_stream(js, settings, model)
+            for i in range(20):
+                await js.publish(subjects.req_subject(model), f"{i}".encode())
+            # kill whichever server the client is connected to
+            url = nc2.connected_url
+            assert url is not None
+            victim = next(i for i, u in enumerate(cluster.urls) if u.endswith(f":{url.port}"))
+            t0 = time.monotonic()
+            await cluster.kill(victim)
+            await natsio.retrying(
+                lambda: kv.put(f"after-{unique}", b"1"),
+                timeout=30,
+                what="kv put",
+                nc=nc2,
+            )
+            elapsed = time.monotonic() - t0
+            print(f"KV writable {elapsed:.2f}s after the connected server was killed")
+            info = await natsio.retrying(
+                lambda: js.stream_info(subjects.req_stream(model)), timeout=30, what="info"
+            )
+            assert info.state.messages == 20
+            await cluster.members[victim].start()
+            await cluster.wait_ready()
+        finally:
+            await nc2.close()
+    finally:
+        await cluster.close()
