@@ -20,7 +20,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
 from gateway.registry import ModelRegistry
@@ -355,38 +354,69 @@ class Dispatcher:
             subjects.H_SILENCE: f"{self.settings.keepalive_timeout:g}",
         }
         subject = subjects.req_subject(call.model)
-        if not self.nc.is_connected:
+        headers[subjects.H_MSG_ID] = f"{call.request_id}.{call.attempt}"
+        if not self.nc.is_connected and not await self._reconnected(call):
             # Fail fast while NATS is away: the client can retry, nothing waits blind.
             raise Unavailable(
                 "the message broker is unreachable; retry shortly",
                 retry_after=self.settings.retry_after,
             )
-        for retry in (True, False):
+        repaired = False
+
+        async def once() -> None:
+            nonlocal repaired
             try:
-                ack = await self.js.publish(subject, call.body, headers=headers, timeout=5.0)
-                call.seq = ack.seq
-                return
-            except APIError as e:
-                if e.err_code in _JS_QUEUE_FULL:
-                    raise QueueFull(
-                        f"the queue for `{call.model}` is full ({await self._bound(call.model)}"
-                        "); retry later",
-                        retry_after=self.settings.retry_after,
-                    ) from None
-                if e.err_code == _JS_TOO_LARGE:
-                    raise PayloadTooLarge(
-                        f"the request ({len(call.body)} bytes) is larger than the queue "
-                        f"of `{call.model}` accepts"
-                    ) from None
-                raise Unavailable(f"could not queue the request: {e.description}") from e
-            except (NoRespondersError, NatsTimeout) as e:
-                # The model's memory stream is gone (NATS restarted) or was never made
-                # (a worker run by hand not started yet): make it, once.
-                if retry and self.nc.is_connected:
-                    with contextlib.suppress(Exception):
-                        await self.ensure_stream(call.model)
-                    continue
-                raise Unavailable(f"NATS is not accepting requests: {type(e).__name__}") from e
+                ack = await self.js.publish(subject, call.body, headers=headers, timeout=2.0)
+            except NoRespondersError:
+                # The model's memory stream is gone (its server restarted) or was never
+                # made (a worker run by hand not started yet): make it, once.
+                if repaired:
+                    raise
+                repaired = True
+                await self.ensure_stream(call.model)
+                ack = await self.js.publish(subject, call.body, headers=headers, timeout=2.0)
+            call.seq = ack.seq
+
+        # Leader elections (a server of a cluster died) answer with timeouts and 503s
+        # for a few seconds: ride through them, within the request's own deadline.
+        budget = min(self.nats_settings.retry_timeout, max(call.deadline - time.time(), 0.5))
+        try:
+            await natsio.retrying(once, timeout=budget, what="queue a request", nc=self.nc)
+        except APIError as e:
+            if e.err_code in _JS_QUEUE_FULL:
+                raise QueueFull(
+                    f"the queue for `{call.model}` is full ({await self._bound(call.model)}"
+                    "); retry later",
+                    retry_after=self.settings.retry_after,
+                ) from None
+            if e.err_code == _JS_TOO_LARGE:
+                raise PayloadTooLarge(
+                    f"the request ({len(call.body)} bytes) is larger than the queue "
+                    f"of `{call.model}` accepts"
+                ) from None
+            raise Unavailable(
+                f"could not queue the request: {e.description}",
+                retry_after=self.settings.retry_after,
+            ) from e
+        except NebulaError:
+            raise
+        except Exception as e:  # transient errors past the budget, connection closed
+            raise Unavailable(
+                f"NATS is not accepting requests: {type(e).__name__}",
+                retry_after=self.settings.retry_after,
+            ) from e
+
+    async def _reconnected(self, call: Call) -> bool:
+        """With several servers, wait (bounded) for the client to fail over to another."""
+        if len(self.nc.servers) < 2:
+            return False
+        wait = min(self.nats_settings.retry_timeout, max(call.deadline - time.time(), 0.0))
+        end = time.monotonic() + wait
+        while time.monotonic() < end and not self.nc.is_closed:
+            if self.nc.is_connected:
+                return True
+            await asyncio.sleep(0.05)
+        return self.nc.is_connected
 
     async def _bound(self, model: str) -> str:
         """The model's queue bound as JetStream enforces it, for the 429's message."""

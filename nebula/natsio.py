@@ -27,7 +27,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from nebula import subjects
@@ -63,9 +63,10 @@ _TRANSIENT_TEXT = (
     "temporarily unavailable",
     "no suitable peers",
     "leader",
-    "insufficient resources",
     "stream is offline",
 )
+# 503s that are a real answer: a full queue (messages, bytes), storage exhausted, too large.
+_FINAL_ERR_CODES = frozenset({10077, 10078, 10047, 10048, 10028, 10023, 10054})
 
 
 def transient(e: BaseException) -> bool:
@@ -77,11 +78,12 @@ def transient(e: BaseException) -> bool:
         | nats.errors.ConnectionReconnectingError
         | nats.errors.StaleConnectionError
         | nats.errors.UnexpectedEOF
-        | ServiceUnavailableError
         | TimeoutError,
     ):
         return True
     if isinstance(e, APIError):
+        if e.err_code in _FINAL_ERR_CODES:
+            return False
         text = (e.description or "").lower()
         return e.code in (503, 504) or any(t in text for t in _TRANSIENT_TEXT)
     return False

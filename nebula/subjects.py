@@ -234,6 +234,8 @@ H_SILENCE = "Nebula-Silence-Timeout"  # seconds of silence after which the gatew
 H_DEAD_REASON = "Nebula-Dead-Reason"  # why a job went to the dead-letter subject
 H_JOB_ID = "Nebula-Job-Id"  # batch job an item belongs to
 H_ITEM_ID = "Nebula-Item-Id"  # the item's id, unique within its job
+# JetStream's own de-duplication header: a publish retried after a lost ack is stored once.
+H_MSG_ID = "Nats-Msg-Id"
 
 
 def model_from_key(key: str) -> str:

@@ -3,15 +3,21 @@ place, and JetStream calls that ride through the loss of the connected server.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from pathlib import Path
 
+import openai
 from nats.js.api import StorageType
+from openai import AsyncOpenAI
 
 from nebula import natsio, subjects
 from nebula.embedded import EmbeddedCluster
 from nebula.settings import NatsSettings
-from tests.conftest import nats_cluster_at, until
+from tests.conftest import Fabric, nats_cluster_at, until
+
+MSG = [{"role": "user", "content": "hello"}]
 
 
 async def test_cluster_streams_and_buckets_get_three_replicas(
@@ -131,5 +137,83 @@ async def test_kv_and_stream_survive_losing_the_connected_server(
             await cluster.wait_ready()
         finally:
             await nc2.close()
+    finally:
+        await cluster.close()
+
+
+class Outcomes:
+    """What each request of a load loop ended with: ok, or a clear error (status, text)."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.errors: list[tuple[int | None, str]] = []
+        self.slowest = 0.0
+
+    def unclear(self) -> list[tuple[int | None, str]]:
+        """Errors a client could not act on: a 500, a timeout, an empty message."""
+        return [e for e in self.errors if e[0] in (None, 500) or not e[1]]
+
+
+async def load_loop(
+    client: AsyncOpenAI, model: str, out: Outcomes, stop: asyncio.Event, deadline: float
+) -> None:
+    """Streams and unary requests back to back, each with its own deadline."""
+    n = 0
+    while not stop.is_set():
+        n += 1
+        t0 = time.monotonic()
+        try:
+            async with asyncio.timeout(deadline):
+                if n % 2:
+                    stream = await client.chat.completions.create(
+                        model=model, messages=MSG, stream=True
+                    )
+                    text = "".join([c.choices[0].delta.content or "" async for c in stream])
+                else:
+                    r = await client.chat.completions.create(model=model, messages=MSG)
+                    text = r.choices[0].message.content or ""
+            assert text
+            out.ok += 1
+        except openai.APIStatusError as e:
+            out.errors.append((e.status_code, e.message))
+        except openai.APIError as e:  # an SSE error event mid-stream: carries its message
+            out.errors.append((getattr(e, "status_code", 0) or 0, e.message))
+        except TimeoutError:
+            out.errors.append((None, f"no answer within {deadline}s"))
+        out.slowest = max(out.slowest, time.monotonic() - t0)
+
+
+async def test_gateway_rides_through_losing_its_nats_server(tmp_path: Path, unique: str) -> None:
+    """Kill the server the gateway is connected to while requests flow: every request
+    ends with an answer or a clear error within its deadline, none with a 500."""
+    cluster = await nats_cluster_at(tmp_path / "c")
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            fab = Fabric(stack, NatsSettings(url=cluster.url))
+            model = f"ride-{unique}"
+            gw = await fab.gateway(dispatch_timeout=20.0, keepalive_timeout=3.0)
+            for _ in range(2):
+                await fab.worker(model, ttft_ms=5, itl_ms=10, max_tokens=12)
+            client = await fab.client(gw, timeout=30.0)
+            out = Outcomes()
+            stop = asyncio.Event()
+            loops = [
+                asyncio.create_task(load_loop(client, model, out, stop, 30.0)) for _ in range(4)
+            ]
+            await until(lambda: out.ok >= 20, timeout=60)
+            assert gw.gateway is not None
+            url = gw.gateway.nc.connected_url
+            assert url is not None
+            victim = next(i for i, u in enumerate(cluster.urls) if u.endswith(f":{url.port}"))
+            killed_at, ok_at_kill = time.monotonic(), out.ok
+            await cluster.kill(victim)
+            await until(lambda: out.ok >= ok_at_kill + 40, timeout=60)
+            print(f"40 answers {time.monotonic() - killed_at:.2f}s after the kill")
+            stop.set()
+            await asyncio.gather(*loops)
+            print(f"ok={out.ok} errors={out.errors} slowest={out.slowest:.2f}s")
+            assert not out.unclear(), out.unclear()
+            assert gw.gateway.nc.connected_url is not None
+            assert gw.gateway.nc.connected_url.port != url.port
     finally:
         await cluster.close()
