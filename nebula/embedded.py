@@ -67,6 +67,8 @@ class EmbeddedNats(Service):
             args += ["--cluster", f"nats://{s.host}:{s.cluster_port}"]
             if s.routes:
                 args += ["--routes", ",".join(s.routes)]
+            if not s.advertise:
+                args.append("--no_advertise=true")
         out = open(self.log_file, "ab") if self.log_file else asyncio.subprocess.DEVNULL
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -133,7 +135,9 @@ class EmbeddedCluster(Service):
         *,
         name: str = "nebula",
         host: str = "127.0.0.1",
+        advertise: bool = True,
     ) -> None:
+        self.advertise = advertise
         routes = tuple(f"nats-route://{host}:{p}" for p in cluster_ports)
         self.members = [
             EmbeddedNats(
@@ -145,6 +149,7 @@ class EmbeddedCluster(Service):
                     cluster_name=name,
                     cluster_port=cport,
                     routes=tuple(r for r in routes if not r.endswith(f":{cport}")),
+                    advertise=advertise,
                 ),
                 log_file=store_dir / f"n{i}.log",
             )
@@ -175,7 +180,7 @@ class EmbeddedCluster(Service):
                     try:
                         info = getattr(nc, "_server_info", {})
                         peers = set(info.get("connect_urls") or ())
-                        if len(peers) < len(self.members):
+                        if self.advertise and len(peers) < len(self.members):
                             raise Unavailable(f"{url} sees {len(peers)} servers")
                         await nc.jetstream(timeout=2).account_info()
                     finally:

@@ -134,6 +134,8 @@ class EmbeddedNatsSettings:
     cluster_name: str | None = None
     cluster_port: int = 6222
     routes: tuple[str, ...] = ()
+    # False: clients use only the URLs they were given (behind a proxy or load balancer).
+    advertise: bool = True
 
     @property
     def url(self) -> str:

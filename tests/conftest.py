@@ -34,6 +34,18 @@ from workers.runner import WorkerProcess
 from workers.worker import Worker
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long", action="store_true", help="chaos suite: repeat every fault many times"
+    )
+
+
+@pytest.fixture(scope="session")
+def repeats(request: pytest.FixtureRequest) -> int:
+    """How often a chaos test injects its fault: once in CI, 10 times with --long."""
+    return 10 if request.config.getoption("--long") else 1
+
+
 @pytest.fixture(scope="session")
 async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EmbeddedNats]:
     store = tmp_path_factory.mktemp("nats")
@@ -81,12 +93,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def nats_cluster_at(tmp: Path, size: int = 3) -> EmbeddedCluster:
+async def nats_cluster_at(tmp: Path, size: int = 3, **kw: Any) -> EmbeddedCluster:
     """A started JetStream cluster of ``size`` servers on free ports (a fresh one per
     caller: chaos tests kill its members)."""
-    cluster = EmbeddedCluster(
-        tmp, [free_port() for _ in range(size)], [free_port() for _ in range(size)]
-    )
+    ports = [free_port() for _ in range(2 * size)]
+    cluster = EmbeddedCluster(tmp, ports[:size], ports[size:], **kw)
     try:
         await cluster.start()
     except BaseException:
