@@ -127,9 +127,19 @@ class Call:
         d = self.dispatcher
         while True:
             remaining = self.deadline - time.time() + 0.5  # the worker's own 504 wins ties
+            # Look every keepalive period whether a worker took the job and froze.
+            wait = min(remaining, d.settings.keepalive_timeout)
             try:
-                msg = await self._next(max(remaining, 0.0))
+                msg = await self._next(max(wait, 0.0))
             except TimeoutError:
+                if wait < remaining:
+                    if self.attempt < MAX_ATTEMPTS and await d.stuck(self):
+                        # Handed to a worker that never started it (stopped, cut off
+                        # from NATS): take it back now instead of after ack_wait.
+                        await d.withdraw(self)
+                        await self._retry("it took the job and never started it")
+                        return
+                    continue
                 await d.withdraw(self)
                 if not d.registry.live_workers(self.model):
                     raise NoReplica(
@@ -447,6 +457,22 @@ class Dispatcher:
                 await self.publish(call)
             except NebulaError as e:
                 call.fail(e)
+
+    async def stuck(self, call: Call) -> bool:
+        """True when the model's consumer has delivered the job (its sequence is at or
+        below the last delivered one) yet the job is still in the work queue: the
+        worker it went to never acked it, so never started it."""
+        if not call.seq:
+            return False
+        try:
+            info = await self.js.consumer_info(
+                subjects.req_stream(call.model), subjects.req_consumer(call.model), timeout=1.0
+            )
+        except Exception:
+            return False
+        if info.delivered is None or (info.delivered.stream_seq or 0) < call.seq:
+            return False
+        return await self._still_queued(call)
 
     async def _still_queued(self, call: Call) -> bool:
         try:

@@ -27,7 +27,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from nebula import subjects
@@ -78,6 +78,7 @@ def transient(e: BaseException) -> bool:
         | nats.errors.ConnectionReconnectingError
         | nats.errors.StaleConnectionError
         | nats.errors.UnexpectedEOF
+        | NoStreamResponseError  # a publish answered 503: the stream has no leader yet
         | TimeoutError,
     ):
         return True
