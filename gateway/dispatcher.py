@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError
 
+from gateway.migration import Migration
 from gateway.registry import ModelRegistry
 from nebula import natsio, subjects
 from nebula.errors import (
@@ -76,8 +77,10 @@ class Call:
         "failure",
         "granted",
         "last_seq",
+        "migration",
         "model",
         "queue",
+        "raw",
         "request_id",
         "seq",
         "worker_id",
@@ -104,6 +107,8 @@ class Call:
         self.buffered = 0  # frame bytes received and not yet taken by the relay
         self.consumed = 0  # data bytes written to the client (flow-control credit)
         self.granted = 0  # ``consumed`` as last reported to the worker
+        self.migration: Migration | None = None
+        self.raw = 0  # size of the last frame as the worker sent it (before a rewrite)
 
     async def _next(self, timeout: float) -> Msg:
         async with asyncio.timeout(timeout):
@@ -167,17 +172,28 @@ class Call:
             return
 
     async def _retry(self, why: str) -> None:
-        """Run the request again elsewhere, once, if nothing reached the client yet."""
-        if self.delivered or self.attempt >= MAX_ATTEMPTS:
+        """Run the request again elsewhere, once, if nothing reached the client yet;
+        or, with migration on, continue a started stream on another replica."""
+        continuation = None
+        if self.delivered and self.migration is not None:
+            continuation = self.migration.continuation()
+        if continuation is None and (self.delivered or self.attempt >= MAX_ATTEMPTS):
             raise WorkerLost(
                 f"worker {self.worker_id} serving `{self.model}`: {why}; "
                 "the answer cannot be completed"
             )
         log.warning(
-            "request %s attempt %d: %s; queueing it again", self.request_id, self.attempt, why
+            "request %s attempt %d: %s; %s",
+            self.request_id,
+            self.attempt,
+            why,
+            "continuing it on another replica" if continuation else "queueing it again",
         )
         # Stop the old attempt first: a worker that comes back must not finish it too.
         await self.dispatcher.cancel_attempt(self)
+        if continuation is not None:
+            self.body = continuation
+            self.dispatcher.migrations += 1
         self.worker_id = None
         self.last_seq = 0
         self.deadline = time.time() + self.dispatcher.settings.dispatch_timeout
@@ -202,14 +218,22 @@ class Call:
             if kind == _ERROR:
                 self.done = True
                 raise _wire_error(msg)
-            yield kind or _DATA, msg.data
+            data = msg.data
+            self.raw = len(data)
+            if self.migration is not None:
+                data = self.migration.relay(data)
+                if not data and kind != _END:
+                    await self.written(0)  # credit for what was dropped
+                    continue
+            yield kind or _DATA, data
             if kind == _END:
                 self.done = True
                 return
 
     async def written(self, n: int) -> None:
-        """``n`` answer bytes reached the client: grant the worker that much credit."""
-        self.consumed += n
+        """``n`` answer bytes reached the client: grant the worker that much credit
+        (as the worker counted them: a migrated stream's frames are rewritten)."""
+        self.consumed += self.raw if self.migration is not None else n
         window = self.dispatcher.settings.stream_window
         if self.worker_id is not None and self.consumed - self.granted >= window // 4:
             self.granted = self.consumed
@@ -267,6 +291,7 @@ class Dispatcher:
         self._idle.set()
         # Guard against a worker that ignores flow control: past this, the stream fails.
         self._max_buffered = 4 * settings.stream_window + (1 << 20)
+        self.migrations = 0  # streams continued on another replica
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -343,6 +368,9 @@ class Dispatcher:
     async def submit(self, model: str, endpoint: Endpoint, body: bytes) -> Call:
         deadline = time.time() + self.settings.dispatch_timeout
         call = Call(self, model, endpoint, body, deadline)
+        spec = self.registry.spec(model)
+        if spec is not None and spec.migrate:
+            call.migration = Migration.for_request(endpoint, body, spec.migrate)
         self.calls[call.request_id] = call
         self._idle.clear()
         try:

@@ -38,6 +38,10 @@ def _decode(entry: KeyValue.Entry, kind: type[_S]) -> _S | None:
         return None
 
 
+# Continuations one stream may get (request migration): a bound, not a retry loop.
+MAX_MIGRATIONS = 3
+
+
 class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/admin/models`` (and what the CLI builds from its flags)."""
 
@@ -54,6 +58,7 @@ class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queue: int = 256
     max_queue_bytes: int = 16 * 1024 * 1024
     max_output_tokens: int = 32768
+    migrate: int = 0
 
 
 def _engine_config(req: LoadRequest) -> EngineConfig:
@@ -91,6 +96,18 @@ def validate(req: LoadRequest) -> ModelSpec:
     for name in ("max_queue", "max_queue_bytes", "max_output_tokens"):
         if getattr(req, name) < 1:
             raise InvalidRequest(f"{name} must be 1 or more", param=name)
+    if not 0 <= req.migrate <= MAX_MIGRATIONS:
+        raise InvalidRequest(
+            f"migrate is the continuations a stream may get, 0 to {MAX_MIGRATIONS}; "
+            f"got {req.migrate}",
+            param="migrate",
+        )
+    if req.migrate and req.engine == "openai":
+        raise InvalidRequest(
+            "migrate needs an engine that continues a final assistant message "
+            "(vllm, sim); an arbitrary OpenAI-compatible upstream may not",
+            param="migrate",
+        )
     # Options, model path and `--` args by the engine kind's own rules; the deep check
     # (vLLM's own argument parser) runs in ClusterAdmin.load, off the event loop.
     kind.validate(_engine_config(req), deep=False)
@@ -108,6 +125,7 @@ def validate(req: LoadRequest) -> ModelSpec:
         max_queue=req.max_queue,
         max_queue_bytes=req.max_queue_bytes,
         max_output_tokens=req.max_output_tokens,
+        migrate=req.migrate,
     )
 
 

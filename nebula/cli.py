@@ -358,6 +358,14 @@ def model() -> None:
     type=click.IntRange(min=1),
     help="Largest max_tokens a request may ask for (400 beyond).",
 )
+@click.option(
+    "--migrate",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0, max=3),
+    help="Request migration: continuations a stream may get on another replica when "
+    "its worker dies mid-answer (0: off; never for guided decoding, tools or n>1).",
+)
 @engine_options
 @click.option(
     "--wait/--no-wait",
@@ -388,6 +396,7 @@ def model_load(name: str, nats_url: str, **kw: Any) -> None:
             max_queue=kw["max_queue"],
             max_queue_bytes=kw["max_queue_bytes"],
             max_output_tokens=kw["max_output_tokens"],
+            migrate=kw["migrate"],
         )
         async with _admin(nats_url) as admin:
             await admin.load(req)

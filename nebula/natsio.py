@@ -261,9 +261,11 @@ async def ensure_request_stream(
 ) -> None:
     """The model's interactive work-queue stream, bounded by its spec (or the spec's
     defaults for a model run by hand). Workers ack a job the moment they take it, so
-    only waiting jobs count. Memory storage: the fastest; a NATS restart loses what
-    waits, and gateways queue those again. Only ``update`` (model load, which owns
-    the spec) rewrites the bounds of a stream that exists."""
+    only waiting jobs count. Storage per ``request_storage``: memory R1 is the fastest
+    (a NATS restart loses what waits, and gateways queue those again), file R3 keeps
+    every waiting job through the loss of a server. Only ``update`` (model load, which
+    owns the spec) rewrites the bounds of a stream that exists; a lower replica count
+    than configured is raised in place."""
     bounds = spec or ModelSpec(name=model, engine="")
     storage, num_replicas = request_storage(js, settings)
     config = StreamConfig(

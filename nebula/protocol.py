@@ -66,6 +66,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_queue_bytes: int = 16 * 1024 * 1024
     # Largest max_tokens a request may ask for (400 beyond).
     max_output_tokens: int = 32768
+    # Request migration: continuations a stream may get on another replica after its
+    # worker died mid-answer (0: off; the client gets an error event instead).
+    migrate: int = 0
 
 
 class PlacementState(enum.StrEnum):

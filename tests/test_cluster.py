@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from pathlib import Path
 
 import openai
+import pytest
 from nats.js.api import StorageType
 from openai import AsyncOpenAI
 
@@ -217,3 +219,56 @@ async def test_gateway_rides_through_losing_its_nats_server(tmp_path: Path, uniq
             assert gw.gateway.nc.connected_url.port != url.port
     finally:
         await cluster.close()
+
+
+def test_only_election_errors_are_retried() -> None:
+    """A leader election's answers are retried; a real answer (queue full, too large,
+    bad request) is not, so a full queue is still a 429 at once."""
+    import nats.errors
+    from nats.js.errors import APIError, BadRequestError, NoStreamResponseError
+
+    assert natsio.transient(nats.errors.TimeoutError())
+    assert natsio.transient(nats.errors.NoRespondersError())
+    assert natsio.transient(NoStreamResponseError())
+    assert natsio.transient(
+        APIError(code=503, description="JetStream system temporarily unavailable")
+    )
+    assert natsio.transient(APIError(code=500, description="JetStream not ready"))
+    assert not natsio.transient(
+        APIError(code=503, err_code=10077, description="maximum messages exceeded")
+    )
+    assert not natsio.transient(
+        APIError(code=400, err_code=10054, description="message size exceeds")
+    )
+    assert not natsio.transient(BadRequestError(code=400, description="bad request"))
+    assert not natsio.transient(ValueError("no"))
+
+
+async def test_retrying_backs_off_then_gives_up() -> None:
+    import nats.errors
+
+    calls: list[float] = []
+
+    async def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 4:
+            raise nats.errors.TimeoutError
+        return "ok"
+
+    assert await natsio.retrying(flaky, timeout=10, what="flaky") == "ok"
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert gaps[-1] > gaps[0]  # backing off
+
+    async def never() -> None:
+        raise nats.errors.TimeoutError
+
+    t0 = time.monotonic()
+    with pytest.raises(nats.errors.TimeoutError):
+        await natsio.retrying(never, timeout=0.5, what="never")
+    assert time.monotonic() - t0 < 2.0
+
+    async def final() -> None:
+        raise ValueError("a real answer")
+
+    with pytest.raises(ValueError):
+        await natsio.retrying(final, timeout=10, what="final")
