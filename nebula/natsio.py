@@ -354,7 +354,7 @@ async def ensure_bucket(
                 )
             except BadRequestError:
                 return await js.key_value(bucket)  # another process made it just now
-        await _raise_replicas(js, await js.stream_info(f"KV_{bucket}"), want)
+        await _raise_replicas(js, await js.stream_info(subjects.kv_stream(bucket)), want)
         return kv
 
     return await retrying(ensure, timeout=settings.retry_timeout, what=f"ensure bucket {bucket}")

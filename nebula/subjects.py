@@ -246,6 +246,11 @@ def node_from_key(key: str) -> str:
     return model_from_token(key)
 
 
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream that backs a KV bucket (its replicas are raised through it)."""
+    return f"KV_{bucket}"
+
+
 def kv_subject(bucket: str, key: str) -> str:
     """The subject a KV put/delete of ``key`` is published on (core subscribers see every write)."""
     return f"$KV.{bucket}.{key}"

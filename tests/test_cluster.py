@@ -272,3 +272,68 @@ async def test_retrying_backs_off_then_gives_up() -> None:
 
     with pytest.raises(ValueError):
         await natsio.retrying(final, timeout=10, what="final")
+
+
+async def test_nebula_nats_cli_runs_cluster_members(tmp_path: Path) -> None:
+    """`nebula nats --cluster NAME --routes ...` three times: one JetStream cluster."""
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import free_port
+
+    ports = [free_port() for _ in range(3)]
+    routes = [free_port() for _ in range(3)]
+    route_urls = ",".join(f"nats-route://127.0.0.1:{p}" for p in routes)
+    members = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "nebula.cli",
+            "nats",
+            "--port",
+            str(ports[i]),
+            "--cluster",
+            "nebula",
+            "--server-name",
+            f"m{i}",
+            "--cluster-port",
+            str(routes[i]),
+            "--routes",
+            route_urls,
+            "--data-dir",
+            str(tmp_path / f"m{i}"),
+            env={**os.environ, "PYTHONPATH": os.getcwd()},
+        )
+        for i in range(3)
+    ]
+    try:
+        settings = NatsSettings(url=",".join(f"nats://127.0.0.1:{p}" for p in ports))
+
+        async def formed() -> bool:
+            try:
+                nc = await natsio.connect(settings, name="test", connect_timeout=1)
+            except Exception:
+                return False
+            try:
+                if natsio.cluster_size(nc) < 3:
+                    return False
+                await nc.jetstream(timeout=2).account_info()
+                return True
+            except Exception:
+                return False
+            finally:
+                await nc.close()
+
+        await until(formed, timeout=60)
+        nc = await natsio.connect(settings, name="test")
+        try:
+            kv = await natsio.models_bucket(nc.jetstream(), settings)
+            assert (await kv.status()).stream_info.config.num_replicas == 3
+        finally:
+            await nc.close()
+    finally:
+        for m in members:
+            m.send_signal(signal.SIGTERM)
+        for m in members:
+            await m.wait()
