@@ -197,7 +197,8 @@ async def connect(
         # logged once, below); anything else here is a bug in a callback of ours.
         if isinstance(e, nats.errors.SlowConsumerError):
             log.warning("%s: NATS dropped messages for a slow subscription: %r", name, e)
-        elif isinstance(e, _CONNECTION_ERRORS):
+        elif isinstance(e, _CONNECTION_ERRORS) or "expecting INFO" in str(e):
+            # (nats-py's plain Error for a server that closed before its greeting)
             log.debug("nats connection error (%s): %r", name, e)
         else:
             log.error("error in a NATS callback (%s): %r", name, e, exc_info=e)
@@ -406,6 +407,28 @@ async def read_all(kv: KeyValue) -> dict[str, KeyValue.Entry]:
         with contextlib.suppress(Exception):
             await watcher.stop()
     return out
+
+
+async def watch_lost(watcher: KeyValue.KeyWatcher, every: float = 2.0, misses: int = 5) -> None:
+    """Return once a KV watch can no longer deliver: its consumer is gone (it lived on
+    a NATS server that died; nats-py's KV watch has no idle heartbeat, so it would wait
+    forever), or the server has not answered for ``misses`` checks in a row. The
+    caller starts the watch again, reading the current values afresh."""
+    sub = watcher._sub
+    if sub is None:
+        return
+    failed = 0
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await sub.consumer_info()
+            failed = 0
+        except NotFoundError:
+            return
+        except Exception:  # an election or a reconnect under way: look again
+            failed += 1
+            if failed >= misses:
+                return
 
 
 async def ensure_dlq_stream(js: JetStreamContext, settings: NatsSettings) -> None:
