@@ -1,7 +1,9 @@
 """Chaos under load, against a 3-node NATS cluster started by the test.
 
 Two schedulers, two node agents (sim workers as real processes they supervise), a
-gateway, steady interactive streams and batch jobs; then one fault per test. Every
+gateway, steady interactive streams and batch jobs; then one fault per test (process
+kills, NATS server kills and restarts, SIGSTOP, a partition through a TCP proxy, a
+rolling SIGTERM restart, max_payload bodies, 10,000 raw-protocol jobs). Every
 test asserts: each HTTP request ended with an answer or a clear error within its
 deadline; each batch item has exactly one result; desired state converges again.
 It records the time until the model served again (printed, and written as JSON to
