@@ -20,10 +20,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError
 
 from gateway.metrics import GatewayMetrics
+from gateway.migration import Migration
 from gateway.registry import ModelRegistry
 from nebula import natsio, subjects
 from nebula.errors import (
@@ -78,9 +78,11 @@ class Call:
         "failure",
         "granted",
         "last_seq",
+        "migration",
         "model",
         "published_at",
         "queue",
+        "raw",
         "request_id",
         "seq",
         "started_at",
@@ -118,6 +120,8 @@ class Call:
         self.published_at = 0.0  # perf_counter at the last publish, for time in queue
         self.started_at = 0.0  # perf_counter when a worker started the job
         self.usage: str | None = None  # "prompt completion" from the end frame
+        self.migration: Migration | None = None
+        self.raw = 0  # size of the last frame as the worker sent it (before a rewrite)
 
     async def _next(self, timeout: float) -> Msg:
         async with asyncio.timeout(timeout):
@@ -141,9 +145,19 @@ class Call:
         d = self.dispatcher
         while True:
             remaining = self.deadline - time.time() + 0.5  # the worker's own 504 wins ties
+            # Look every keepalive period whether a worker took the job and froze.
+            wait = min(remaining, d.settings.keepalive_timeout)
             try:
-                msg = await self._next(max(remaining, 0.0))
+                msg = await self._next(max(wait, 0.0))
             except TimeoutError:
+                if wait < remaining:
+                    if self.attempt < MAX_ATTEMPTS and await d.stuck(self):
+                        # Handed to a worker that never started it (stopped, cut off
+                        # from NATS): take it back now instead of after ack_wait.
+                        await d.withdraw(self)
+                        await self._retry("it took the job and never started it")
+                        return
+                    continue
                 await d.withdraw(self)
                 if not d.registry.live_workers(self.model):
                     raise NoReplica(
@@ -172,18 +186,29 @@ class Call:
             return
 
     async def _retry(self, why: str) -> None:
-        """Run the request again elsewhere, once, if nothing reached the client yet."""
-        if self.delivered or self.attempt >= MAX_ATTEMPTS:
+        """Run the request again elsewhere, once, if nothing reached the client yet;
+        or, with migration on, continue a started stream on another replica."""
+        continuation = None
+        if self.delivered and self.migration is not None:
+            continuation = self.migration.continuation()
+        if continuation is None and (self.delivered or self.attempt >= MAX_ATTEMPTS):
             raise WorkerLost(
                 f"worker {self.worker_id} serving `{self.model}`: {why}; "
                 "the answer cannot be completed"
             )
         log.warning(
-            "request %s attempt %d: %s; queueing it again", self.request_id, self.attempt, why
+            "request %s attempt %d: %s; %s",
+            self.request_id,
+            self.attempt,
+            why,
+            "continuing it on another replica" if continuation else "queueing it again",
         )
         self.dispatcher.metrics.count_requeued(self.model)
         # Stop the old attempt first: a worker that comes back must not finish it too.
         await self.dispatcher.cancel_attempt(self)
+        if continuation is not None:
+            self.body = continuation
+            self.dispatcher.migrations += 1
         self.worker_id = None
         self.last_seq = 0
         self.deadline = time.time() + self.dispatcher.settings.dispatch_timeout
@@ -208,16 +233,24 @@ class Call:
             if kind == _ERROR:
                 self.done = True
                 raise _wire_error(msg)
+            data = msg.data
+            self.raw = len(data)
+            if self.migration is not None:
+                data = self.migration.relay(data)
+                if not data and kind != _END:
+                    await self.written(0)  # credit for what was dropped
+                    continue
             if kind == _END:
                 self.done = True
                 self.usage = msg.headers.get(subjects.H_USAGE) if msg.headers else None
-                yield kind, msg.data
+                yield kind, data
                 return
-            yield kind or _DATA, msg.data
+            yield kind or _DATA, data
 
     async def written(self, n: int) -> None:
-        """``n`` answer bytes reached the client: grant the worker that much credit."""
-        self.consumed += n
+        """``n`` answer bytes reached the client: grant the worker that much credit
+        (as the worker counted them: a migrated stream's frames are rewritten)."""
+        self.consumed += self.raw if self.migration is not None else n
         window = self.dispatcher.settings.stream_window
         if self.worker_id is not None and self.consumed - self.granted >= window // 4:
             self.granted = self.consumed
@@ -277,6 +310,7 @@ class Dispatcher:
         self._idle.set()
         # Guard against a worker that ignores flow control: past this, the stream fails.
         self._max_buffered = 4 * settings.stream_window + (1 << 20)
+        self.migrations = 0  # streams continued on another replica
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe(
@@ -355,6 +389,9 @@ class Dispatcher:
         if request_id in self.calls:  # a client reusing its id for concurrent requests
             request_id = f"{request_id}-{uuid.uuid4().hex[:8]}"
         call = Call(self, model, endpoint, body, deadline, request_id)
+        spec = self.registry.spec(model)
+        if spec is not None and spec.migrate:
+            call.migration = Migration.for_request(endpoint, body, spec.migrate)
         self.calls[call.request_id] = call
         self._idle.clear()
         try:
@@ -376,40 +413,71 @@ class Dispatcher:
             subjects.H_SILENCE: f"{self.settings.keepalive_timeout:g}",
         }
         subject = subjects.req_subject(call.model)
-        if not self.nc.is_connected:
+        headers[subjects.H_MSG_ID] = f"{call.request_id}.{call.attempt}"
+        if not self.nc.is_connected and not await self._reconnected(call):
             # Fail fast while NATS is away: the client can retry, nothing waits blind.
             raise Unavailable(
                 "the message broker is unreachable; retry shortly",
                 retry_after=self.settings.retry_after,
             )
-        for retry in (True, False):
+        repaired = False
+
+        async def once() -> None:
+            nonlocal repaired
             try:
                 call.published_at = time.perf_counter()
-                ack = await self.js.publish(subject, call.body, headers=headers, timeout=5.0)
-                call.seq = ack.seq
-                self.metrics.count_published(call.model)
-                return
-            except APIError as e:
-                if e.err_code in _JS_QUEUE_FULL:
-                    raise QueueFull(
-                        f"the queue for `{call.model}` is full ({await self._bound(call.model)}"
-                        "); retry later",
-                        retry_after=self.settings.retry_after,
-                    ) from None
-                if e.err_code == _JS_TOO_LARGE:
-                    raise PayloadTooLarge(
-                        f"the request ({len(call.body)} bytes) is larger than the queue "
-                        f"of `{call.model}` accepts"
-                    ) from None
-                raise Unavailable(f"could not queue the request: {e.description}") from e
-            except (NoRespondersError, NatsTimeout) as e:
-                # The model's memory stream is gone (NATS restarted) or was never made
-                # (a worker run by hand not started yet): make it, once.
-                if retry and self.nc.is_connected:
-                    with contextlib.suppress(Exception):
-                        await self.ensure_stream(call.model)
-                    continue
-                raise Unavailable(f"NATS is not accepting requests: {type(e).__name__}") from e
+                ack = await self.js.publish(subject, call.body, headers=headers, timeout=2.0)
+            except NoRespondersError:
+                # The model's memory stream is gone (its server restarted) or was never
+                # made (a worker run by hand not started yet): make it, once.
+                if repaired:
+                    raise
+                repaired = True
+                await self.ensure_stream(call.model)
+                ack = await self.js.publish(subject, call.body, headers=headers, timeout=2.0)
+            call.seq = ack.seq
+            self.metrics.count_published(call.model)
+
+        # Leader elections (a server of a cluster died) answer with timeouts and 503s
+        # for a few seconds: ride through them, within the request's own deadline.
+        budget = min(self.nats_settings.retry_timeout, max(call.deadline - time.time(), 0.5))
+        try:
+            await natsio.retrying(once, timeout=budget, what="queue a request", nc=self.nc)
+        except APIError as e:
+            if e.err_code in _JS_QUEUE_FULL:
+                raise QueueFull(
+                    f"the queue for `{call.model}` is full ({await self._bound(call.model)}"
+                    "); retry later",
+                    retry_after=self.settings.retry_after,
+                ) from None
+            if e.err_code == _JS_TOO_LARGE:
+                raise PayloadTooLarge(
+                    f"the request ({len(call.body)} bytes) is larger than the queue "
+                    f"of `{call.model}` accepts"
+                ) from None
+            raise Unavailable(
+                f"could not queue the request: {e.description}",
+                retry_after=self.settings.retry_after,
+            ) from e
+        except NebulaError:
+            raise
+        except Exception as e:  # transient errors past the budget, connection closed
+            raise Unavailable(
+                f"NATS is not accepting requests: {type(e).__name__}",
+                retry_after=self.settings.retry_after,
+            ) from e
+
+    async def _reconnected(self, call: Call) -> bool:
+        """With several servers, wait (bounded) for the client to fail over to another."""
+        if len(self.nc.servers) < 2:
+            return False
+        wait = min(self.nats_settings.retry_timeout, max(call.deadline - time.time(), 0.0))
+        end = time.monotonic() + wait
+        while time.monotonic() < end and not self.nc.is_closed:
+            if self.nc.is_connected:
+                return True
+            await asyncio.sleep(0.05)
+        return self.nc.is_connected
 
     async def _bound(self, model: str) -> str:
         """The model's queue bound as JetStream enforces it, for the 429's message."""
@@ -441,6 +509,22 @@ class Dispatcher:
                 await self.publish(call)
             except NebulaError as e:
                 call.fail(e)
+
+    async def stuck(self, call: Call) -> bool:
+        """True when the model's consumer has delivered the job (its sequence is at or
+        below the last delivered one) yet the job is still in the work queue: the
+        worker it went to never acked it, so never started it."""
+        if not call.seq:
+            return False
+        try:
+            info = await self.js.consumer_info(
+                subjects.req_stream(call.model), subjects.req_consumer(call.model), timeout=1.0
+            )
+        except Exception:
+            return False
+        if info.delivered is None or (info.delivered.stream_seq or 0) < call.seq:
+            return False
+        return await self._still_queued(call)
 
     async def _still_queued(self, call: Call) -> bool:
         try:

@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 
 from nebula import subjects
 from nebula.errors import ModelNotFound
-from nebula.natsio import WORKER_LIVE_WINDOW
+from nebula.natsio import WORKER_LIVE_WINDOW, watch_lost
 from nebula.protocol import ModelSpec, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -121,28 +121,43 @@ class ModelRegistry:
         self._tasks = []
 
     async def _keep_watching(
-        self, kv: KeyValue, handle: Callable[[KeyValue.Entry], None], synced: asyncio.Event
+        self, kv: KeyValue, handle: Callable[[KeyValue.Entry, bool], None], synced: asyncio.Event
     ) -> None:
-        """A watch that ends or fails is started again, with backoff: the model list
-        must never freeze until the next reconnect."""
+        """A watch that ends, fails or loses its consumer (a NATS server died) is
+        started again, with backoff: the model list must never freeze."""
         delay = _BACKOFF_MIN
         while True:
             try:
                 watcher = await kv.watchall()
-                try:
+
+                async def consume(watcher: KeyValue.KeyWatcher = watcher) -> None:
+                    nonlocal delay
+                    replay = True  # the current values first, then live updates
                     async for entry in watcher:
                         if entry is None:  # end of the current values
                             synced.set()
+                            replay = False
                             delay = _BACKOFF_MIN
                             continue
                         try:
-                            handle(entry)
+                            handle(entry, replay)
                         except (ValueError, msgspec.DecodeError) as e:
                             self._skip(entry.key, e)
+
+                tasks = [
+                    asyncio.ensure_future(consume()),
+                    asyncio.ensure_future(watch_lost(watcher)),
+                ]
+                try:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    if tasks[0].done():
+                        tasks[0].result()
                 finally:
+                    for t in tasks:
+                        t.cancel()
                     with contextlib.suppress(Exception):
                         await watcher.stop()
-                log.warning("KV watch of %s ended; watching again", kv._name)
+                log.warning("KV watch of %s ended or lost; watching again", kv._name)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -157,16 +172,21 @@ class ModelRegistry:
             self._bad_keys.add(key)
             log.warning("ignoring KV key %r: %s", key, err)
 
-    def _on_worker(self, entry: KeyValue.Entry) -> None:
+    def _on_worker(self, entry: KeyValue.Entry, replay: bool = False) -> None:
         model_tok, _, wid = entry.key.partition(".")
         model = subjects.model_from_token(model_tok)
         if entry.operation in ("DEL", "PURGE") or not entry.value:
             self._workers.get(model, {}).pop(wid, None)
             return
         info = msgspec.json.decode(entry.value, type=WorkerInfo)
-        self._workers.setdefault(model, {})[wid] = _Seen(info, time.monotonic())
+        seen = self._workers.setdefault(model, {})
+        known = seen.get(wid)
+        # A watch started again replays each worker's last beat: that proves nothing
+        # about a worker we already track (it may have died since), so keep its time.
+        at = known.at if replay and known is not None else time.monotonic()
+        seen[wid] = _Seen(info, at)
 
-    def _on_model(self, entry: KeyValue.Entry) -> None:
+    def _on_model(self, entry: KeyValue.Entry, replay: bool = False) -> None:
         name = subjects.model_from_token(entry.key)
         old = self._desired.pop(name, None)
         if old is not None:

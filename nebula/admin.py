@@ -39,6 +39,10 @@ def _decode(entry: KeyValue.Entry, kind: type[_S]) -> _S | None:
         return None
 
 
+# Continuations one stream may get (request migration): a bound, not a retry loop.
+MAX_MIGRATIONS = 3
+
+
 class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/admin/models`` (and what the CLI builds from its flags)."""
 
@@ -57,6 +61,8 @@ class LoadRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_output_tokens: int = 32768
     # LoRA adapters, name -> path on the nodes: each is served as its own model name.
     adapters: dict[str, str] = msgspec.field(default_factory=dict)
+    # Request migration: continuations a stream may get on another replica (0: off).
+    migrate: int = 0
 
 
 class AdapterRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -113,6 +119,18 @@ def validate(req: LoadRequest) -> ModelSpec:
     for name in ("max_queue", "max_queue_bytes", "max_output_tokens"):
         if getattr(req, name) < 1:
             raise InvalidRequest(f"{name} must be 1 or more", param=name)
+    if not 0 <= req.migrate <= MAX_MIGRATIONS:
+        raise InvalidRequest(
+            f"migrate is the continuations a stream may get, 0 to {MAX_MIGRATIONS}; "
+            f"got {req.migrate}",
+            param="migrate",
+        )
+    if req.migrate and req.engine == "openai":
+        raise InvalidRequest(
+            "migrate needs an engine that continues a final assistant message "
+            "(vllm, sim); an arbitrary OpenAI-compatible upstream may not",
+            param="migrate",
+        )
     # Options, model path and `--` args by the engine kind's own rules; the deep check
     # (vLLM's own argument parser) runs in ClusterAdmin.load, off the event loop.
     kind.validate(_engine_config(req), deep=False)
@@ -138,6 +156,7 @@ def validate(req: LoadRequest) -> ModelSpec:
         max_queue_bytes=req.max_queue_bytes,
         max_output_tokens=req.max_output_tokens,
         adapters=dict(req.adapters),
+        migrate=req.migrate,
     )
 
 

@@ -226,16 +226,56 @@ def worker(nats_url: str, **kw: Any) -> None:
     default=None,
     help="JetStream store (default: a per-user data folder).",
 )
-def nats_cmd(host: str, nats_port: int, data_dir: Path | None) -> None:
-    """Run the embedded NATS server (JetStream on) with the config from nats/."""
+@click.option("--cluster", "cluster_name", default=None, help="Join a NATS cluster of this name.")
+@click.option(
+    "--routes",
+    default="",
+    help="Cluster members to connect to: nats-route://host:6222,... (with --cluster).",
+)
+@click.option("--cluster-port", default=6222, show_default=True, type=int, help="Route port.")
+@click.option("--server-name", default=None, help="This member's unique name (with --cluster).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="A nats-server config file instead of nats/nebula.conf (e.g. nats/local-cluster/).",
+)
+def nats_cmd(
+    host: str,
+    nats_port: int,
+    data_dir: Path | None,
+    cluster_name: str | None,
+    routes: str,
+    cluster_port: int,
+    server_name: str | None,
+    config_file: Path | None,
+) -> None:
+    """Run the embedded NATS server (JetStream on) with the config from nats/.
+
+    With --cluster it is one member of a NATS cluster (three for replicated
+    streams): e.g. on each of three machines
+    `nebula nats --cluster nebula --server-name n1 --routes nats-route://h1:6222,...`.
+    """
     from nebula.embedded import EmbeddedNats
     from nebula.procs import run_until_signal
     from nebula.up import describe_exit
 
     data = data_dir or default_data_dir()
+    if routes and not cluster_name:
+        raise click.UsageError("--routes needs --cluster NAME")
 
     async def serve(stop: asyncio.Event) -> None:
-        settings = EmbeddedNatsSettings(host=host, port=nats_port, store_dir=data / "nats")
+        settings = EmbeddedNatsSettings(
+            host=host,
+            port=nats_port,
+            store_dir=data / "nats",
+            config_file=config_file,
+            server_name=server_name,
+            cluster_name=cluster_name,
+            cluster_port=cluster_port,
+            routes=tuple(r.strip() for r in routes.split(",") if r.strip()),
+        )
         async with EmbeddedNats(settings, log_file=data / "nats.log") as server:
             click.echo(f"nebula nats: {server.url} (store {settings.store_dir})", err=True)
             assert server.proc is not None
@@ -379,6 +419,14 @@ def model() -> None:
     metavar="NAME=PATH",
     help="LoRA adapter served as model NAME (repeatable; engines that take adapters: vllm).",
 )
+@click.option(
+    "--migrate",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0, max=3),
+    help="Request migration: continuations a stream may get on another replica when "
+    "its worker dies mid-answer (0: off; never for guided decoding, tools or n>1).",
+)
 @engine_options
 @click.option(
     "--wait/--no-wait",
@@ -410,6 +458,7 @@ def model_load(name: str, nats_url: str, **kw: Any) -> None:
             max_queue_bytes=kw["max_queue_bytes"],
             max_output_tokens=kw["max_output_tokens"],
             adapters=_adapters(kw["loras"]),
+            migrate=kw["migrate"],
         )
         async with _admin(nats_url) as admin:
             await admin.load(req)

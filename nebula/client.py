@@ -123,7 +123,7 @@ class BatchClient:
             total=total,
             created_at=time.time(),
         )
-        await self._jobs.put(subjects.job_key(job.job_id), msgspec.json.encode(job))
+        await self._put(job)
         return job
 
     async def _check_model(self, model: str) -> None:
@@ -150,8 +150,18 @@ class BatchClient:
 
     async def _set_state(self, job: BatchJob, state: JobState) -> BatchJob:
         job = msgspec.structs.replace(job, state=state)
-        await self._jobs.put(subjects.job_key(job.job_id), msgspec.json.encode(job))
+        await self._put(job)
         return job
+
+    async def _put(self, job: BatchJob) -> None:
+        """Store the job record, riding through a leader election (a put is idempotent)."""
+        data = msgspec.json.encode(job)
+        await natsio.retrying(
+            lambda: self._jobs.put(subjects.job_key(job.job_id), data),
+            timeout=self.settings.retry_timeout,
+            what="store a batch job",
+            nc=self.nc,
+        )
 
     async def submit(
         self,
@@ -193,17 +203,19 @@ class BatchClient:
         return sent
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        """Publish with retries: a NATS restart or leader election is waited out."""
-        delay = 0.1
-        for _ in range(60):
-            try:
-                await self.js.publish(subject, data, headers=headers, timeout=5.0)
-                return
-            except Exception as e:
-                last = e
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-        raise Unavailable(f"could not submit a batch item: {last!r}")
+        """Publish with retries: a NATS restart or leader election is waited out (the
+        item's message id makes a repeat of a publish whose ack was lost harmless)."""
+        try:
+            await natsio.retrying(
+                lambda: self.js.publish(subject, data, headers=headers, timeout=5.0),
+                timeout=max(self.settings.retry_timeout, 120.0),
+                what="submit a batch item",
+                nc=self.nc,
+            )
+        except NebulaError:
+            raise
+        except Exception as e:
+            raise Unavailable(f"could not submit a batch item: {e!r}") from e
 
     async def finish_submitting(self, job: BatchJob) -> BatchJob:
         return await self._set_state(job, JobState.SUBMITTED)

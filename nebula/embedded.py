@@ -49,7 +49,8 @@ class EmbeddedNats(Service):
         config = s.config_file or REPO_CONFIG
         env = dict(os.environ)
         env.update(
-            NEBULA_NATS_NAME=f"nebula-{socket.gethostname()}-{s.port if s.port > 0 else 'rnd'}",
+            NEBULA_NATS_NAME=s.server_name
+            or f"nebula-{socket.gethostname()}-{s.port if s.port > 0 else 'rnd'}",
             NEBULA_NATS_HOST=s.host,
             NEBULA_NATS_PORT=str(s.port if s.port > 0 else -1),
             NEBULA_NATS_MAX_PAYLOAD=str(s.max_payload),
@@ -60,6 +61,14 @@ class EmbeddedNats(Service):
             args += ["-c", str(config)]
         else:  # installed without the repo's nats/ folder: same settings as flags
             args += ["-a", s.host, "-p", env["NEBULA_NATS_PORT"], "-js", "-sd", str(s.store_dir)]
+        if s.cluster_name:
+            # Flags override the config file: one nebula.conf serves every member.
+            args += ["--cluster_name", s.cluster_name]
+            args += ["--cluster", f"nats://{s.host}:{s.cluster_port}"]
+            if s.routes:
+                args += ["--routes", ",".join(s.routes)]
+            if not s.advertise:
+                args.append("--no_advertise=true")
         out = open(self.log_file, "ab") if self.log_file else asyncio.subprocess.DEVNULL
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -111,3 +120,87 @@ class EmbeddedNats(Service):
         if proc is not None and proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+class EmbeddedCluster(Service):
+    """Several embedded nats-servers forming one JetStream cluster on this machine
+    (tests, benchmarks, a laptop rehearsal of production); members are killed and
+    restarted by index, each on its own fixed ports and store."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        client_ports: list[int],
+        cluster_ports: list[int],
+        *,
+        name: str = "nebula",
+        host: str = "127.0.0.1",
+        advertise: bool = True,
+    ) -> None:
+        self.advertise = advertise
+        routes = tuple(f"nats-route://{host}:{p}" for p in cluster_ports)
+        self.members = [
+            EmbeddedNats(
+                EmbeddedNatsSettings(
+                    host=host,
+                    port=port,
+                    store_dir=store_dir / f"n{i}",
+                    server_name=f"{name}-n{i}",
+                    cluster_name=name,
+                    cluster_port=cport,
+                    routes=tuple(r for r in routes if not r.endswith(f":{cport}")),
+                    advertise=advertise,
+                ),
+                log_file=store_dir / f"n{i}.log",
+            )
+            for i, (port, cport) in enumerate(zip(client_ports, cluster_ports, strict=True))
+        ]
+        self.urls = [f"nats://{host}:{p}" for p in client_ports]
+
+    @property
+    def url(self) -> str:
+        """Every member, comma-separated: what NEBULA_NATS_URL takes."""
+        return ",".join(self.urls)
+
+    async def start(self, timeout: float = 60.0) -> None:
+        await asyncio.gather(*(m.start() for m in self.members))
+        await self.wait_ready(timeout)
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until every member is up, sees all the others and JetStream has a meta
+        leader (an account-info request answers on every member)."""
+        import nats
+
+        deadline = time.monotonic() + timeout
+        last: object = None
+        while time.monotonic() < deadline:
+            try:
+                for url in self.urls:
+                    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
+                    try:
+                        info = getattr(nc, "_server_info", {})
+                        peers = set(info.get("connect_urls") or ())
+                        if self.advertise and len(peers) < len(self.members):
+                            raise Unavailable(f"{url} sees {len(peers)} servers")
+                        await nc.jetstream(timeout=2).account_info()
+                    finally:
+                        await nc.close()
+                return
+            except Exception as e:  # not formed yet: any of several nats errors
+                last = e
+                await asyncio.sleep(0.1)
+        raise Unavailable(f"NATS cluster not ready in {timeout:.0f}s: {last!r}")
+
+    async def kill(self, i: int) -> None:
+        await self.members[i].kill()
+
+    async def restart(self, i: int, *, graceful: bool = True) -> None:
+        member = self.members[i]
+        if graceful:
+            await member.close()
+        else:
+            await member.kill()
+        await member.start()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(m.close() for m in self.members))

@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import msgspec
@@ -24,7 +27,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 from nats.js.kv import KeyValue
 
 from nebula import subjects
@@ -33,6 +36,7 @@ from nebula.protocol import ModelSpec
 from nebula.settings import NatsSettings
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Seconds a heartbeat stays valid: workers/nodes beat every few seconds.
 WORKER_TTL = 15.0
@@ -50,6 +54,111 @@ _CONNECTION_ERRORS = (
     nats.errors.NoServersError,
     nats.errors.OutboundBufferLimitError,
 )
+
+
+# What a JetStream call answers while a stream or the meta group has no leader (a
+# server died, an election runs): worth retrying. Anything else is a real answer.
+_TRANSIENT_TEXT = (
+    "not ready",
+    "temporarily unavailable",
+    "no suitable peers",
+    "leader",
+    "stream is offline",
+)
+# 503s that are a real answer: a full queue (messages, bytes), storage exhausted, too large.
+_FINAL_ERR_CODES = frozenset({10077, 10078, 10047, 10048, 10028, 10023, 10054})
+
+
+def transient(e: BaseException) -> bool:
+    """True for an error a JetStream call gives while the cluster elects a leader."""
+    if isinstance(
+        e,
+        nats.errors.TimeoutError
+        | nats.errors.NoRespondersError
+        | nats.errors.ConnectionReconnectingError
+        | nats.errors.StaleConnectionError
+        | nats.errors.UnexpectedEOF
+        | NoStreamResponseError  # a publish answered 503: the stream has no leader yet
+        | TimeoutError,
+    ):
+        return True
+    if isinstance(e, APIError):
+        if e.err_code in _FINAL_ERR_CODES:
+            return False
+        text = (e.description or "").lower()
+        return e.code in (503, 504) or any(t in text for t in _TRANSIENT_TEXT)
+    return False
+
+
+async def retrying(
+    op: Callable[[], Awaitable[_T]],
+    *,
+    timeout: float,
+    what: str,
+    nc: Client | None = None,
+) -> _T:
+    """Run a JetStream call, retrying transient failures (leader election, a failover
+    to another server) with capped exponential backoff and jitter for ``timeout``
+    seconds; then, or on any other error, the last error is raised. Only idempotent
+    calls belong here (publishes carry a message id so JetStream drops a repeat)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await op()
+        except Exception as e:
+            if not transient(e) or (nc is not None and nc.is_closed):
+                raise
+            # Jitter spreads the retries of many processes hit by one election.
+            pause = delay * random.uniform(0.5, 1.5)
+            if time.monotonic() + pause >= deadline:
+                raise
+            log.info("%s failed (%r), retry %d in %.2fs", what, e, attempt, pause)
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, 1.0)
+
+
+def cluster_size(nc: Client) -> int:
+    """Servers in the connected cluster, as the server advertises them to clients."""
+    info: dict[str, Any] = getattr(nc, "_server_info", {}) or {}
+    if not info.get("cluster"):
+        return 1
+    return max(len(set(info.get("connect_urls") or ())), 1)
+
+
+def replicas(js: JetStreamContext, settings: NatsSettings) -> int:
+    """The configured replica count, else 3 on a cluster of 3 or more servers, else 1."""
+    if settings.replicas:
+        return settings.replicas
+    nc: Client | None = getattr(js, "_nc", None)
+    return 3 if nc is not None and cluster_size(nc) >= 3 else 1
+
+
+def request_storage(js: JetStreamContext, settings: NatsSettings) -> tuple[StorageType, int]:
+    """(storage, replicas) of interactive request streams: memory R1, or file R3."""
+    mode = settings.request_storage
+    if mode == "auto":
+        mode = "file" if replicas(js, settings) > 1 else "memory"
+    if mode == "memory":
+        return StorageType.MEMORY, 1
+    return StorageType.FILE, replicas(js, settings)
+
+
+async def _raise_replicas(js: JetStreamContext, info: Any, want: int) -> None:
+    """Raise a stream's replica count in place: JetStream copies the data to the new
+    peers, nothing is lost. Never lowered here (that is an operator's decision)."""
+    have = info.config.num_replicas or 1
+    if want <= have:
+        return
+    config = info.config
+    config.num_replicas = want
+    log.warning("raising JetStream stream %s from %d to %d replicas", config.name, have, want)
+    try:
+        await js.update_stream(config)
+    except APIError as e:  # e.g. fewer servers than replicas: keep serving as is
+        log.warning("could not raise %s to %d replicas: %s", config.name, want, e.description)
 
 
 class ReconnectHooks:
@@ -88,7 +197,8 @@ async def connect(
         # logged once, below); anything else here is a bug in a callback of ours.
         if isinstance(e, nats.errors.SlowConsumerError):
             log.warning("%s: NATS dropped messages for a slow subscription: %r", name, e)
-        elif isinstance(e, _CONNECTION_ERRORS):
+        elif isinstance(e, _CONNECTION_ERRORS) or "expecting INFO" in str(e):
+            # (nats-py's plain Error for a server that closed before its greeting)
             log.debug("nats connection error (%s): %r", name, e)
         else:
             log.error("error in a NATS callback (%s): %r", name, e, exc_info=e)
@@ -152,35 +262,58 @@ async def ensure_request_stream(
 ) -> None:
     """The model's interactive work-queue stream, bounded by its spec (or the spec's
     defaults for a model run by hand). Workers ack a job the moment they take it, so
-    only waiting jobs count. Memory storage: the fastest; a NATS restart loses what
-    waits, and gateways queue those again. Only ``update`` (model load, which owns
-    the spec) rewrites the bounds of a stream that exists."""
+    only waiting jobs count. Storage per ``request_storage``: memory R1 is the fastest
+    (a NATS restart loses what waits, and gateways queue those again), file R3 keeps
+    every waiting job through the loss of a server. Only ``update`` (model load, which
+    owns the spec) rewrites the bounds of a stream that exists; a lower replica count
+    than configured is raised in place."""
     bounds = spec or ModelSpec(name=model, engine="")
+    storage, num_replicas = request_storage(js, settings)
     config = StreamConfig(
         name=subjects.req_stream(model),
         subjects=[subjects.req_subject(model)],
         retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.MEMORY,
+        storage=storage,
         discard=DiscardPolicy.NEW,
         max_msgs=bounds.max_queue,
         max_bytes=bounds.max_queue_bytes,
-        num_replicas=settings.replicas,
+        num_replicas=num_replicas,
         max_age=3600.0,
+        # Gateways retry a publish whose ack was lost: the message id drops the repeat.
+        duplicate_window=120.0,
     )
-    assert config.name is not None
-    try:
-        info = await js.stream_info(config.name)
-    except NotFoundError:
+    name = config.name
+    assert name is not None
+
+    async def ensure() -> None:
         try:
-            await js.add_stream(config)
-            return
-        except BadRequestError:
-            info = await js.stream_info(config.name)  # another process made it just now
-    if update and (info.config.max_msgs, info.config.max_bytes) != (
-        config.max_msgs,
-        config.max_bytes,
-    ):
-        await js.update_stream(config)
+            info = await js.stream_info(name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                return
+            except BadRequestError:
+                info = await js.stream_info(name)  # another process made it just now
+        if info.config.storage != storage:
+            log.warning(
+                "request stream %s uses %s storage, not the configured %s: JetStream cannot "
+                "change it in place; unload and load the model to move it",
+                name,
+                info.config.storage,
+                storage,
+            )
+        elif num_replicas > (info.config.num_replicas or 1):
+            await _raise_replicas(js, info, num_replicas)
+            info = await js.stream_info(name)
+        if update and (info.config.max_msgs, info.config.max_bytes) != (
+            config.max_msgs,
+            config.max_bytes,
+        ):
+            info.config.max_msgs = config.max_msgs
+            info.config.max_bytes = config.max_bytes
+            await js.update_stream(info.config)
+
+    await retrying(ensure, timeout=settings.retry_timeout, what=f"ensure stream {name}")
 
 
 async def model_spec(js: JetStreamContext, settings: NatsSettings, model: str) -> ModelSpec | None:
@@ -204,22 +337,28 @@ async def ensure_bucket(
     ttl: float | None = None,
     history: int = 1,
 ) -> KeyValue:
-    try:
-        return await js.key_value(bucket)
-    except Exception:
-        pass
-    try:
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=bucket,
-                ttl=ttl,
-                history=history,
-                storage=StorageType.FILE,
-                replicas=settings.replicas,
-            )
-        )
-    except BadRequestError:
-        return await js.key_value(bucket)
+    want = replicas(js, settings)
+
+    async def ensure() -> KeyValue:
+        try:
+            kv = await js.key_value(bucket)
+        except NotFoundError:
+            try:
+                return await js.create_key_value(
+                    KeyValueConfig(
+                        bucket=bucket,
+                        ttl=ttl,
+                        history=history,
+                        storage=StorageType.FILE,
+                        replicas=want,
+                    )
+                )
+            except BadRequestError:
+                return await js.key_value(bucket)  # another process made it just now
+        await _raise_replicas(js, await js.stream_info(subjects.kv_stream(bucket)), want)
+        return kv
+
+    return await retrying(ensure, timeout=settings.retry_timeout, what=f"ensure bucket {bucket}")
 
 
 async def workers_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:
@@ -270,6 +409,28 @@ async def read_all(kv: KeyValue) -> dict[str, KeyValue.Entry]:
     return out
 
 
+async def watch_lost(watcher: KeyValue.KeyWatcher, every: float = 2.0, misses: int = 5) -> None:
+    """Return once a KV watch can no longer deliver: its consumer is gone (it lived on
+    a NATS server that died; nats-py's KV watch has no idle heartbeat, so it would wait
+    forever), or the server has not answered for ``misses`` checks in a row. The
+    caller starts the watch again, reading the current values afresh."""
+    sub = watcher._sub
+    if sub is None:
+        return
+    failed = 0
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await sub.consumer_info()
+            failed = 0
+        except NotFoundError:
+            return
+        except Exception:  # an election or a reconnect under way: look again
+            failed += 1
+            if failed >= misses:
+                return
+
+
 async def ensure_dlq_stream(js: JetStreamContext, settings: NatsSettings) -> None:
     """Dead letters outlive NATS restarts (file storage) and age out after a week."""
     config = StreamConfig(
@@ -280,13 +441,28 @@ async def ensure_dlq_stream(js: JetStreamContext, settings: NatsSettings) -> Non
         discard=DiscardPolicy.OLD,
         max_msgs=100_000,
         max_age=7 * 24 * 3600.0,
-        num_replicas=settings.replicas,
+        num_replicas=replicas(js, settings),
     )
-    try:
-        await js.stream_info(subjects.DLQ_STREAM)
-    except NotFoundError:
-        with contextlib.suppress(BadRequestError):  # another process made it a moment ago
-            await js.add_stream(config)
+    await _ensure_stream(js, settings, config)
+
+
+async def _ensure_stream(
+    js: JetStreamContext, settings: NatsSettings, config: StreamConfig
+) -> None:
+    """Create a stream, or raise the replicas of one that exists; retried through elections."""
+    name = config.name
+    assert name is not None
+
+    async def ensure() -> None:
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            with contextlib.suppress(BadRequestError):  # another process made it a moment ago
+                await js.add_stream(config)
+            return
+        await _raise_replicas(js, info, config.num_replicas or 1)
+
+    await retrying(ensure, timeout=settings.retry_timeout, what=f"ensure stream {name}")
 
 
 async def ensure_batch_streams(js: JetStreamContext, settings: NatsSettings) -> None:
@@ -300,7 +476,7 @@ async def ensure_batch_streams(js: JetStreamContext, settings: NatsSettings) -> 
             storage=StorageType.FILE,
             discard=DiscardPolicy.NEW,
             duplicate_window=600.0,
-            num_replicas=settings.replicas,
+            num_replicas=replicas(js, settings),
         ),
         StreamConfig(
             name=subjects.RESULT_STREAM,
@@ -309,16 +485,11 @@ async def ensure_batch_streams(js: JetStreamContext, settings: NatsSettings) -> 
             storage=StorageType.FILE,
             max_msgs_per_subject=1,
             max_age=7 * 24 * 3600.0,
-            num_replicas=settings.replicas,
+            num_replicas=replicas(js, settings),
         ),
     ]
     for config in configs:
-        assert config.name is not None
-        try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            with contextlib.suppress(BadRequestError):
-                await js.add_stream(config)
+        await _ensure_stream(js, settings, config)
 
 
 async def jobs_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue:

@@ -82,6 +82,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # LoRA adapters: name -> path. Each name is a model in /v1/models whose requests
     # queue with this model's and run on its replicas, which load the adapter.
     adapters: dict[str, str] = msgspec.field(default_factory=dict)
+    # Request migration: continuations a stream may get on another replica after its
+    # worker died mid-answer (0: off; the client gets an error event instead).
+    migrate: int = 0
 
 
 class PlacementState(enum.StrEnum):

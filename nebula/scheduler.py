@@ -479,6 +479,7 @@ class Scheduler(Service):
                 w = await kv.watchall()
                 watchers.append(w)
                 tasks.append(asyncio.create_task(self._consume(name, w, handler)))
+                tasks.append(asyncio.create_task(self._guard(name, w)))
             tasks.append(asyncio.create_task(self._reconcile_loop()))
             tasks.append(asyncio.create_task(self._tick_loop(reconnects)))
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -494,6 +495,11 @@ class Scheduler(Service):
             for w in watchers:
                 with contextlib.suppress(Exception):
                     await w.stop()
+
+    async def _guard(self, name: str, watcher: KeyValue.KeyWatcher) -> None:
+        """A watch whose consumer died with a NATS server delivers nothing, silently."""
+        await natsio.watch_lost(watcher)
+        raise _Resync(f"{name} watcher lost its consumer")
 
     async def _consume(
         self, name: str, watcher: KeyValue.KeyWatcher, handler: Callable[[KeyValue.Entry], None]

@@ -99,10 +99,23 @@ class NatsSettings:
         DEFAULT_NATS_URL, "NATS server (or comma-separated cluster URLs).", env="NEBULA_NATS_URL"
     )
     name: str = "nebula"
-    replicas: int = setting(
-        1, "JetStream replicas for streams and buckets (3 on a 3-node cluster).",
+    replicas: int | None = setting(
+        None,
+        "JetStream replicas for streams and buckets (default: 3 on a cluster of 3 or more "
+        "servers, else 1); a higher count raises existing ones in place.",
         env="NEBULA_NATS_REPLICAS",
-    )  # fmt: skip
+    )
+    request_storage: str = setting(
+        "auto",
+        "Interactive request streams: memory (R1, fastest, lost with its server), file "
+        "(replicated, survives losing a server) or auto (file on a cluster, else memory).",
+        env="NEBULA_REQUEST_STORAGE",
+    )
+    retry_timeout: float = setting(
+        10.0,
+        "Seconds a JetStream call is retried while the cluster elects a leader.",
+        env="NEBULA_NATS_RETRY_TIMEOUT",
+    )
 
     @classmethod
     def from_env(cls, **overrides: object) -> NatsSettings:
@@ -116,6 +129,13 @@ class EmbeddedNatsSettings:
     store_dir: Path = field(default_factory=lambda: default_data_dir() / "nats")
     max_payload: int = DEFAULT_MAX_PAYLOAD
     config_file: Path | None = None
+    # Clustering (``nebula nats --cluster``): the member's name must be unique.
+    server_name: str | None = None
+    cluster_name: str | None = None
+    cluster_port: int = 6222
+    routes: tuple[str, ...] = ()
+    # False: clients use only the URLs they were given (behind a proxy or load balancer).
+    advertise: bool = True
 
     @property
     def url(self) -> str:

@@ -235,6 +235,8 @@ H_DEAD_REASON = "Nebula-Dead-Reason"  # why a job went to the dead-letter subjec
 H_JOB_ID = "Nebula-Job-Id"  # batch job an item belongs to
 H_ITEM_ID = "Nebula-Item-Id"  # the item's id, unique within its job
 H_USAGE = "Nebula-Usage"  # on an end frame: "<prompt tokens> <completion tokens>"
+# JetStream's own de-duplication header: a publish retried after a lost ack is stored once.
+H_MSG_ID = "Nats-Msg-Id"
 
 
 def model_from_key(key: str) -> str:
@@ -243,6 +245,11 @@ def model_from_key(key: str) -> str:
 
 def node_from_key(key: str) -> str:
     return model_from_token(key)
+
+
+def kv_stream(bucket: str) -> str:
+    """The JetStream stream that backs a KV bucket (its replicas are raised through it)."""
+    return f"KV_{bucket}"
 
 
 def kv_subject(bucket: str, key: str) -> str:

@@ -21,7 +21,7 @@ from openai import AsyncOpenAI
 
 from gateway.server import GatewayServer
 from nebula import natsio
-from nebula.embedded import EmbeddedNats
+from nebula.embedded import EmbeddedCluster, EmbeddedNats
 from nebula.settings import (
     EmbeddedNatsSettings,
     GatewaySettings,
@@ -32,6 +32,18 @@ from nebula.settings import (
 from workers.engines.sim import SimEngine
 from workers.runner import WorkerProcess
 from workers.worker import Worker
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long", action="store_true", help="chaos suite: repeat every fault many times"
+    )
+
+
+@pytest.fixture(scope="session")
+def repeats(request: pytest.FixtureRequest) -> int:
+    """How often a chaos test injects its fault: once in CI, 10 times with --long."""
+    return 10 if request.config.getoption("--long") else 1
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +91,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def nats_cluster_at(tmp: Path, size: int = 3, **kw: Any) -> EmbeddedCluster:
+    """A started JetStream cluster of ``size`` servers on free ports (a fresh one per
+    caller: chaos tests kill its members)."""
+    ports = [free_port() for _ in range(2 * size)]
+    cluster = EmbeddedCluster(tmp, ports[:size], ports[size:], **kw)
+    try:
+        await cluster.start()
+    except BaseException:
+        await cluster.close()
+        raise
+    return cluster
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[EmbeddedCluster]:
+    cluster = await nats_cluster_at(tmp_path / "cluster")
+    try:
+        yield cluster
+    finally:
+        await cluster.close()
 
 
 async def fresh_nats(tmp: Path, port: int = 0) -> EmbeddedNats:

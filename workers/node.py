@@ -927,6 +927,8 @@ class NodeAgent(Service):
             asyncio.ensure_future(consume()),
             asyncio.ensure_future(self._resync.wait()),
             asyncio.ensure_future(reconnected()),
+            # A watch whose consumer died with a NATS server delivers nothing, silently.
+            asyncio.ensure_future(natsio.watch_lost(watcher)),
         ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -47,7 +47,10 @@ from workers.engines.base import AdapterHost, Engine, Job
 
 log = logging.getLogger(__name__)
 
-PULL_EXPIRES = 5.0  # seconds a pull request lingers in the server
+# Seconds a pull request lingers in the server. Short: a pull lost with its consumer
+# leader (a NATS server died) is only known lost when it expires, so this bounds how
+# long a worker sits idle after a failover (plus the slack in _ticker).
+PULL_EXPIRES = 2.0
 BATCH_PULL_EXPIRES = 1.0  # short: batch intake must stop soon after interactive load rises
 _ACK = b"+ACK"
 _NAK = b"-NAK"
@@ -862,7 +865,7 @@ class Worker(Service):
             if now - last_pull_check >= BATCH_PULL_EXPIRES:
                 last_pull_check = now
                 # A pull whose 408 we never saw (NATS restarted) owes nothing any more.
-                while self._pulls and self._pulls[0][0] + 2.0 < now:
+                while self._pulls and self._pulls[0][0] + 1.0 < now:
                     self._pulls.popleft()
                 while self._bpulls and self._bpulls[0][0] + 2.0 < now:
                     self._bpulls.popleft()
@@ -967,6 +970,9 @@ class Worker(Service):
         """Pull requests die with the connection: forget them and ask again."""
         self._pulls.clear()
         self._bpulls.clear()
+        # Pull first: on a cluster the queue survived (file storage, replicated) and the
+        # repair below may wait out a leader election; a pull answered 503 repairs too.
+        await self._refill()
         self._last_repair = 0.0
         await self._repair()
         await self._refill()
