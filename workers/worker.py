@@ -193,6 +193,9 @@ class Worker(Service):
             subjects.JOB_STREAM, subjects.job_consumer(self.model)
         )
         self._jobs_kv: KeyValue | None = None
+        # Batch items held at once: an engine that batches (hf) asks for more than its
+        # concurrency, so its passes can pick texts of similar length.
+        self._batch_slots = max(int(getattr(engine, "batch_slots", 0)), settings.max_concurrency)
         self._job_states: dict[str, tuple[float, str]] = {}
         self.items_done = 0
 
@@ -359,7 +362,10 @@ class Worker(Service):
         if self._batch_sub is None or len(self._inflight) >= self.settings.max_concurrency:
             return
         owed = int(sum(p[1] for p in self._bpulls))
-        want = self.settings.max_concurrency - len(self._batch_inflight) - owed
+        slots = self._batch_slots
+        want = slots - len(self._batch_inflight) - owed
+        # One pull per few free slots, not one per finished item (each pull is a message
+        # to the server and back); with nothing owed, any free slot is worth a pull.
         if want <= 0:
             return
         self._bpulls.append([time.monotonic() + BATCH_PULL_EXPIRES, float(want)])
