@@ -286,7 +286,8 @@ class HFEngine:
 def _similar(queue: list[_Pending], cap: int, pool_cap: int) -> list[_Pending]:
     """Up to ``cap`` texts from the oldest ``pool_cap`` (``queue`` is oldest first),
     growing outwards in length order from the oldest request."""
-    pool, size = [], 0
+    pool: list[_Pending] = []
+    size = 0
     for p in queue:
         if pool and size + len(p.texts) > pool_cap:
             break
