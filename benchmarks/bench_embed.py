@@ -110,8 +110,8 @@ async def measured(meter: CpuMeter, run: Callable[[], Any]) -> tuple[Any, float]
 
 
 def span(values: list[float], fmt: str = "{:.2f}") -> str:
-    lo, hi = min(values), max(values)
-    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 async def main() -> None:
@@ -174,13 +174,13 @@ async def main() -> None:
                 rows.append(
                     (d_rate, d_batch, d_cpu, w, w_cpu / w["requests"], b_rate, b_cpu / len(items))
                 )
-                print(rows[-1][:3], w["rps"], rows[-1][4:], file=sys.stderr, flush=True)
         finally:
             await procs.stop(wk)
             await procs.stop(gw)
     print(
         f"\nEmbeddings, all-MiniLM-L6-v2 on CPU ({os.cpu_count()} cores, torch threads "
-        f"{args.threads}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}; gateway, worker, nats-server and load generator on the same "
+        f"{args.threads}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}; gateway, worker, "
+        f"nats-server and load generator on the same "
         f"machine), {args.texts} texts\n"
     )
     print(
