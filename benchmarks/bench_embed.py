@@ -7,7 +7,8 @@
 * HTTP: ``/v1/embeddings`` with one text per request, wrk at concurrency 64
   (gateway, an `hf` worker and nats-server as separate processes);
 * NATS batch path: the same texts as one batch job (nebula.client), submit to the
-  last result collected.
+  last result collected: one text per job message, then ``--per-item`` texts per
+  message (an item's ``input`` may be a list: one message and one result for many).
 
 Direct and the worker use the same torch thread count (``--threads``, default: one
 per core). The three run in turn, ``--rounds`` times: the machine may be shared, so
@@ -85,16 +86,20 @@ def direct(model: Any, items: list[str]) -> tuple[float, int, float]:
     return best
 
 
-async def batch_path(nats_url: str, items: list[str]) -> float:
+async def batch_path(nats_url: str, items: list[str], per_item: int = 1) -> float:
+    """Submit to last result; ``per_item`` texts in each job message (its input list)."""
+    chunks = [items[i : i + per_item] for i in range(0, len(items), per_item)]
     async with await BatchClient.connect(nats_url) as client:
-        job = await client.create(MODEL, total=len(items))
+        job = await client.create(MODEL, total=len(chunks))
         t0 = time.perf_counter()
-        await client.submit(job, ((str(i), {"input": t}) for i, t in enumerate(items)))
+        await client.submit(
+            job, ((str(i), {"input": c if per_item > 1 else c[0]}) for i, c in enumerate(chunks))
+        )
         got: set[str] = set()
         async for r in client.results(job.job_id):
             assert r.ok, r.body
             got.add(r.item_id)
-            if len(got) == len(items):
+            if len(got) == len(chunks):
                 break
         rate = len(items) / (time.perf_counter() - t0)
         await client.purge(job.job_id)
@@ -120,6 +125,7 @@ async def main() -> None:
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--per-item", type=int, default=32, help="texts per job message (last column)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # As the hf engine does in the worker (see workers/engines/hf.py): direct and fabric
@@ -171,8 +177,13 @@ async def main() -> None:
                     meter, lambda: wrk(url, 64, args.seconds, body, path="/v1/embeddings")
                 )
                 b_rate, b_cpu = await measured(meter, lambda: batch_path(nats.url, items))
+                c_rate, c_cpu = await measured(
+                    meter, lambda: batch_path(nats.url, items, args.per_item)
+                )
+                n = len(items)
                 rows.append(
-                    (d_rate, d_batch, d_cpu, w, w_cpu / w["requests"], b_rate, b_cpu / len(items))
+                    (d_rate, d_batch, d_cpu, w, w_cpu / w["requests"])
+                    + (b_rate, b_cpu / n, c_rate, c_cpu / n)  # noqa: RUF005
                 )
         finally:
             await procs.stop(wk)
@@ -183,24 +194,29 @@ async def main() -> None:
         f"nats-server and load generator on the same "
         f"machine), {args.texts} texts\n"
     )
+    k = args.per_item
     print(
-        "| round | direct encode (best batch) | HTTP c=64 (wrk) | ratio | NATS batch job "
-        "| ratio | CPU ms per embedding: direct / HTTP / batch |"
+        "| round | direct encode (best batch) | HTTP c=64 (wrk) | ratio | NATS batch, 1 text "
+        f"per item | ratio | NATS batch, {k} texts per item | ratio "
+        "| CPU ms per embedding: direct / HTTP / batch 1 / batch " + str(k) + " |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for i, (d, batch, dc, w, wc, b, bc) in enumerate(rows, 1):
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, (d, batch, dc, w, wc, b, bc, c, cc) in enumerate(rows, 1):
         print(
             f"| {i} | {d:,.0f}/s (batch {batch}) | {w['rps']:,.0f}/s "
             f"(p99 {w['p99']:.0f} ms, {int(w['errors'])} errors) | {w['rps'] / d:.2f}x | "
-            f"{b:,.0f}/s | {b / d:.2f}x | {dc * 1e3:.2f} / {wc * 1e3:.2f} / {bc * 1e3:.2f} |"
+            f"{b:,.0f}/s | {b / d:.2f}x | {c:,.0f}/s | {c / d:.2f}x | "
+            f"{dc * 1e3:.2f} / {wc * 1e3:.2f} / {bc * 1e3:.2f} / {cc * 1e3:.2f} |"
         )
-    http_r = [r[3]["rps"] / r[0] for r in rows]
-    batch_r = [r[5] / r[0] for r in rows]
-    http_c = [r[2] / r[4] for r in rows]
-    batch_c = [r[2] / r[6] for r in rows]
+
+    def ratios(num: int, cpu: bool = False) -> str:
+        return span([r[2] / r[num] if cpu else r[num] / r[0] for r in rows])
+
     print(
-        f"\nthroughput vs direct: HTTP {span(http_r)}x, batch {span(batch_r)}x; "
-        f"CPU per embedding, direct / fabric: HTTP {span(http_c)}x, batch {span(batch_c)}x"
+        f"\nthroughput vs direct: HTTP {span([r[3]['rps'] / r[0] for r in rows])}x, "
+        f"batch {ratios(5)}x, batch {k}/item {ratios(7)}x; CPU per embedding, direct / "
+        f"fabric: HTTP {ratios(4, True)}x, batch {ratios(6, True)}x, "
+        f"batch {k}/item {ratios(8, True)}x"
     )
     shutil.rmtree(tmp, ignore_errors=True)
 

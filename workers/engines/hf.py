@@ -7,10 +7,11 @@ keeps streaming other frames meanwhile) and the rows go back to their requests.
 Interactive requests join the next batch ahead of batch-job items.
 
 A pass pads every text to its longest one, so a batch of mixed lengths wastes
-compute (about 40% on short texts, measured): when only batch-job items wait, a
+compute (about 40% on short texts, measured): when only batch-job texts wait, a
 pass takes texts of similar length from the oldest ``pool_factor * max_batch``
 (always including the oldest, so none starves), as ``encode`` does when it sorts
-a whole corpus.
+a whole corpus. Passes are made of texts, not requests: a batch item of many
+texts may span passes, its rows filled in as they finish.
 
 torch and sentence-transformers are imported when the engine starts, so the rest
 of Nebula runs without the ``embed`` extra.
@@ -45,7 +46,7 @@ class HFSettings:
     batch_wait_ms: float = 2.0  # how long a batch waits for more texts
     max_concurrency: int = 64
     torch_threads: int = 0  # 0: torch's default (one per core)
-    pool_factor: int = 4  # batch-job texts sorted by length together (see module doc)
+    pool_factor: int = 8  # batch-job texts sorted by length together (see module doc)
 
 
 class _Item(msgspec.Struct):
@@ -68,12 +69,25 @@ class _Response(msgspec.Struct):
 
 @dataclass(eq=False)
 class _Pending:
+    """One request's texts; its rows fill in as passes finish (a long request, or a
+    batch item of many texts, may span several passes)."""
+
     texts: list[str]
     future: asyncio.Future[Any]
     priority: int  # 0 interactive, 1 batch job
     seq: int = 0
-    done: bool = field(default=False)
-    length: int = 0  # characters of the longest text: encode's own proxy for tokens
+    vectors: list[Any] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    left: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class _Text:
+    """One text waiting for a pass: the unit passes are made of."""
+
+    pending: _Pending
+    index: int
+    length: int  # characters: encode's own proxy for tokens when it sorts by length
 
 
 def parse_embedding_request(body: bytes) -> tuple[EmbeddingRequest, list[str]]:
@@ -107,7 +121,7 @@ class HFEngine:
         self._tokenizer: Any = None
         self.dimension = 0
         self.max_tokens = 0
-        self._queue: list[_Pending] = []
+        self._queue: list[_Text] = []
         self._wakeup = asyncio.Event()
         self._batcher: asyncio.Task[None] | None = None
         self._running = 0
@@ -152,7 +166,7 @@ class HFEngine:
     def load(self) -> EngineLoad:
         return EngineLoad(
             running=self._running,
-            waiting=sum(len(p.texts) for p in self._queue),
+            waiting=len(self._queue),
             capacity=self.settings.max_concurrency,
         )
 
@@ -162,9 +176,9 @@ class HFEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._batcher
             self._batcher = None
-        for p in self._queue:
-            if not p.future.done():
-                p.future.set_exception(Unavailable("the engine stopped"))
+        for t in self._queue:
+            if not t.pending.future.done():
+                t.pending.future.set_exception(Unavailable("the engine stopped"))
         self._queue.clear()
 
     async def generate(self, job: Job) -> AsyncIterator[Output]:
@@ -202,18 +216,14 @@ class HFEngine:
         yield Output(chunk=body, tokens=0)
 
     async def embed(self, texts: list[str], *, priority: int = 0) -> tuple[list[Any], list[int]]:
-        """Rows of one forward pass shared with whoever else is waiting now."""
+        """Rows of forward passes shared with whoever else is waiting now."""
         loop = asyncio.get_running_loop()
         self._seq += 1
-        pending = _Pending(
-            texts, loop.create_future(), priority, self._seq, length=max(map(len, texts))
-        )
-        self._queue.append(pending)
+        n = len(texts)
+        p = _Pending(texts, loop.create_future(), priority, self._seq, [None] * n, [0] * n, n)
+        self._queue.extend(_Text(p, i, len(t)) for i, t in enumerate(texts))
         self._wakeup.set()
-        try:
-            result: tuple[list[Any], list[int]] = await pending.future
-        finally:
-            pending.done = True
+        result: tuple[list[Any], list[int]] = await p.future
         return result
 
     async def _batch_loop(self) -> None:
@@ -224,53 +234,47 @@ class HFEngine:
             self._wakeup.clear()
             if not self._queue:
                 continue
-            if sum(len(p.texts) for p in self._queue) < cap and wait:
+            if len(self._queue) < cap and wait:
                 await asyncio.sleep(wait)  # let concurrent requests join this pass
             batch = self._take(cap)
             if self._queue:
                 self._wakeup.set()
             if not batch:
                 continue
-            texts = [t for p in batch for t in p.texts]
             self._running = len(batch)
             try:
-                out = await asyncio.to_thread(self._encode, texts)
+                out = await asyncio.to_thread(
+                    self._encode, [t.pending.texts[t.index] for t in batch]
+                )
             except Exception as e:
                 log.exception("forward pass failed")
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(EngineError(f"embedding failed: {e!r}"))
+                for t in batch:
+                    if not t.pending.future.done():
+                        t.pending.future.set_exception(EngineError(f"embedding failed: {e!r}"))
                 continue
             finally:
                 self._running = 0
             self.forward_passes += 1
             vectors, counts = out
-            at = 0
-            for p in batch:
-                n = len(p.texts)
-                if not p.future.done():
-                    p.future.set_result((vectors[at : at + n], counts[at : at + n]))
-                at += n
+            for t, v, c in zip(batch, vectors, counts, strict=True):
+                p = t.pending
+                p.vectors[t.index], p.counts[t.index] = v, c
+                p.left -= 1
+                if not p.left and not p.future.done():
+                    p.future.set_result((p.vectors, p.counts))
 
-    def _take(self, cap: int) -> list[_Pending]:
-        """The next pass: interactive requests first (oldest first, topped up with batch
-        items); with none waiting, batch items of similar length (module doc)."""
-        queue = sorted((p for p in self._queue if not p.future.cancelled()),
-                       key=lambda p: (p.priority, p.seq))  # fmt: skip
-        if not queue:
-            self._queue = []
-            return []
-        if queue[0].priority == 0:
-            batch, size = [queue[0]], len(queue[0].texts)
-            for p in queue[1:]:
-                if size + len(p.texts) > cap:
-                    break
-                batch.append(p)
-                size += len(p.texts)
+    def _take(self, cap: int) -> list[_Text]:
+        """The next pass: interactive texts first (oldest first, topped up with batch
+        texts); with none waiting, batch texts of similar length (module doc)."""
+        queue = sorted((t for t in self._queue if not t.pending.future.done()),
+                       key=lambda t: (t.pending.priority, t.pending.seq, t.index))  # fmt: skip
+        if not queue or queue[0].pending.priority == 0:
+            batch, rest = queue[:cap], queue[cap:]
         else:
             batch = _similar(queue, cap, cap * max(self.settings.pool_factor, 1))
-        taken = {id(p) for p in batch}
-        self._queue = [p for p in queue if id(p) not in taken]
+            taken = {id(t) for t in batch}
+            rest = [t for t in queue if id(t) not in taken]
+        self._queue = rest
         return batch
 
     def _encode(self, texts: list[str]) -> tuple[Any, list[int]]:
@@ -283,35 +287,23 @@ class HFEngine:
         return vectors, [len(x) for x in ids]
 
 
-def _similar(queue: list[_Pending], cap: int, pool_cap: int) -> list[_Pending]:
+def _similar(queue: list[_Text], cap: int, pool_cap: int) -> list[_Text]:
     """Up to ``cap`` texts from the oldest ``pool_cap`` (``queue`` is oldest first),
-    growing outwards in length order from the oldest request."""
-    pool: list[_Pending] = []
-    size = 0
-    for p in queue:
-        if pool and size + len(p.texts) > pool_cap:
-            break
-        pool.append(p)
-        size += len(p.texts)
-    oldest = pool[0]
-    by_len = sorted(pool, key=lambda p: p.length)
+    growing outwards in length order from the oldest text."""
+    oldest = queue[0]
+    by_len = sorted(queue[:pool_cap], key=lambda t: t.length)
     lo = hi = by_len.index(oldest)
-    batch, size = [oldest], len(oldest.texts)
-    while True:
-        left = by_len[lo - 1] if lo > 0 else None
-        right = by_len[hi + 1] if hi + 1 < len(by_len) else None
-        if left is not None and (
-            right is None or oldest.length - left.length <= right.length - oldest.length
+    while hi - lo + 1 < cap:
+        if lo > 0 and (
+            hi + 1 >= len(by_len)
+            or oldest.length - by_len[lo - 1].length <= by_len[hi + 1].length - oldest.length
         ):
-            nxt, lo = left, lo - 1
-        elif right is not None:
-            nxt, hi = right, hi + 1
+            lo -= 1
+        elif hi + 1 < len(by_len):
+            hi += 1
         else:
-            return batch
-        if size + len(nxt.texts) > cap:
-            return batch
-        batch.append(nxt)
-        size += len(nxt.texts)
+            break
+    return by_len[lo : hi + 1]
 
 
 def _encode(vector: Any, fmt: str) -> list[float] | str:
