@@ -181,10 +181,8 @@ async def main() -> None:
                     meter, lambda: batch_path(nats.url, items, args.per_item)
                 )
                 n = len(items)
-                rows.append(
-                    (d_rate, d_batch, d_cpu, w, w_cpu / w["requests"])
-                    + (b_rate, b_cpu / n, c_rate, c_cpu / n)  # noqa: RUF005
-                )
+                http = (d_rate, d_batch, d_cpu, w, w_cpu / w["requests"])
+                rows.append((*http, b_rate, b_cpu / n, c_rate, c_cpu / n))
         finally:
             await procs.stop(wk)
             await procs.stop(gw)
