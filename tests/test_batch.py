@@ -230,6 +230,7 @@ async def test_interactive_chat_overtakes_a_running_batch_on_the_same_worker(
     gw = await fabric.gateway()
     http = await fabric.client(gw)
     client = await BatchClient.open(nc, nats_settings)
+    await until_served(client, model)
     n = 400
     job = await client.create(model, total=n, endpoint="chat")
     chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
