@@ -363,9 +363,10 @@ class Worker(Service):
             return
         owed = int(sum(p[1] for p in self._bpulls))
         slots = self._batch_slots
-        want = slots - len(self._batch_inflight) - owed
-        # One pull per few free slots, not one per finished item (each pull is a message
-        # to the server and back); with nothing owed, any free slot is worth a pull.
+        # Counted in items and in texts the engine has waiting: items of many texts must
+        # not pile up past their ack_wait inside the engine.
+        held = max(len(self._batch_inflight), self.engine.load().waiting)
+        want = slots - held - owed
         # One pull per few free slots, not one per finished item (each pull is a message
         # to the server and back); with nothing owed, any free slot is worth a pull.
         if want <= 0 or (owed and want < slots // 16):
