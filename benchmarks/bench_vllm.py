@@ -244,6 +244,7 @@ async def run(args: argparse.Namespace) -> None:
         await wait_models(urls["direct"], NAMES["direct"], direct, tmp / "vllm.log", 900)
         bridge = await procs.spawn(
             procs.nebula_argv(
+                "-v",
                 "worker",
                 f"--model={NAMES['bridge']}",
                 "--engine=openai",
