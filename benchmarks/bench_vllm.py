@@ -242,6 +242,7 @@ async def run(args: argparse.Namespace) -> None:
         procs_.append(inproc)
         t0 = time.monotonic()
         await wait_models(urls["direct"], NAMES["direct"], direct, tmp / "vllm.log", 900)
+        await wait_models(urls["inproc"], NAMES["inproc"], inproc, tmp / "inproc.log", 900)
         bridge = await procs.spawn(
             procs.nebula_argv(
                 "-v",
@@ -256,7 +257,6 @@ async def run(args: argparse.Namespace) -> None:
             log_file=tmp / "bridge.log",
         )
         procs_.append(bridge)
-        await wait_models(urls["inproc"], NAMES["inproc"], inproc, tmp / "inproc.log", 900)
         await wait_models(urls["bridge"], NAMES["bridge"], bridge, tmp / "bridge.log", 600)
         print(f"# all three up after {time.monotonic() - t0:.0f}s", flush=True)
         assert nats.proc is not None
