@@ -261,13 +261,14 @@ async def deployment(
         phases: list[str] = []
 
         async def nebula_up() -> bool:
-            for m in await admin.models():
-                if m.state == "Starting" and m.reason and m.reason not in phases:
-                    phases.append(m.reason)
+            # What `model list` and `cluster status` show: the placements' reasons.
+            for p in await admin._placements():
+                if p.state.value == "Starting" and p.reason and p.reason not in phases:
+                    phases.append(p.reason)
             return await up(f"{gw.base_url}/v1/models", worker_log)
 
         try:
-            await _wait(nebula_up, 600, "Nebula", 0.5)
+            await _wait(nebula_up, 600, "Nebula", 0.2)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{_tail(worker_log)}") from None
 
@@ -611,8 +612,12 @@ async def test_lora_adapters_are_models_added_and_removed_at_run_time(
     await _wait(lambda: _has_model(dep, LORA_B, False), 30, "adapter B to leave /v1/models")
     with pytest.raises(openai.NotFoundError):
         await ask(LORA_B)(dep.nebula.client)
-    info = await dep.worker_info()
-    assert info is not None and info.adapters == [LORA_A]  # unloaded from the engine too
+
+    async def unloaded() -> bool:  # from the engine too, as the replica's heartbeat says
+        info = await dep.worker_info()
+        return info is not None and info.adapters == [LORA_A]
+
+    await _wait(unloaded, 30, "the replica to unload adapter B")
 
 
 async def _has_model(dep: Deployment, name: str, want: bool) -> bool:

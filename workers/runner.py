@@ -74,13 +74,16 @@ class WorkerProcess(Service):
                 wid = f"w{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 self.settings = dataclasses.replace(self.settings, worker_id=wid)
             # Loading takes from seconds to many minutes: say what is happening meanwhile.
-            beats = asyncio.create_task(self._starting_beats(nc))
+            # The beats stop on their own, never cancelled: a NATS request cancelled on a
+            # new connection can leave nats-py's request inbox half set up (its prefix
+            # set, its subscription not), and every later request of the process hangs.
+            loaded = asyncio.Event()
+            beats = asyncio.create_task(self._starting_beats(nc, loaded))
             try:
                 await self.engine.start()
             finally:
-                beats.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await beats
+                loaded.set()
+                await beats
         except BaseException:
             await natsio.close_connection(nc)
             raise
@@ -94,15 +97,19 @@ class WorkerProcess(Service):
         self.hooks.add(self.worker.on_reconnect)
         await self.worker.start()
 
-    async def _starting_beats(self, nc: Client) -> None:
+    async def _starting_beats(self, nc: Client, loaded: asyncio.Event) -> None:
         """Heartbeats with ``ready`` false and the engine's phase until the engine is up:
         the node agent shows the phase as the placement's reason (``cluster status``)."""
         s = self.settings
         assert s.worker_id
         key = subjects.worker_key(s.model, s.worker_id)
         started, said = time.time(), ""
-        kv = await natsio.workers_bucket(nc.jetstream(), self.nats_settings)
-        while True:
+        try:
+            kv = await natsio.workers_bucket(nc.jetstream(), self.nats_settings)
+        except Exception as e:  # the worker's own start reports NATS trouble
+            log.debug("no starting heartbeats: %s", e)
+            return
+        while not loaded.is_set():
             phase = getattr(self.engine, "phase", "") or "starting the engine"
             if phase != said:
                 info = WorkerInfo(
@@ -117,7 +124,8 @@ class WorkerProcess(Service):
                 with contextlib.suppress(Exception):
                     await kv.put(key, msgspec.json.encode(info))
                     said = phase
-            await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(loaded.wait(), 0.5)
 
     async def close(self) -> None:
         if self.worker is not None:
