@@ -242,6 +242,21 @@ async def deployment(
             )
         )
 
+        phases: list[str] = []
+
+        async def watch_phases() -> None:
+            # What `model list` and `cluster status` show while it loads: the placement's
+            # reason. From the load on: vLLM's own server loads at the same time.
+            while True:
+                with contextlib.suppress(Exception):
+                    for p in await admin._placements():
+                        if p.state.value == "Starting" and p.reason and p.reason not in phases:
+                            phases.append(p.reason)
+                await asyncio.sleep(0.2)
+
+        watcher = asyncio.create_task(watch_phases())
+        stack.callback(watcher.cancel)
+
         async def up(url: str, log: Path, proc: Any = None) -> bool:
             if proc is not None and proc.returncode is not None:
                 raise AssertionError(f"vLLM's server exited\n{_tail(log)}")
@@ -258,19 +273,15 @@ async def deployment(
             "vLLM's server",
             every=1.0,
         )
-        phases: list[str] = []
 
         async def nebula_up() -> bool:
-            # What `model list` and `cluster status` show: the placements' reasons.
-            for p in await admin._placements():
-                if p.state.value == "Starting" and p.reason and p.reason not in phases:
-                    phases.append(p.reason)
             return await up(f"{gw.base_url}/v1/models", worker_log)
 
         try:
             await _wait(nebula_up, 600, "Nebula", 0.2)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{_tail(worker_log)}") from None
+        watcher.cancel()  # loaded: no Starting reasons to collect any more
 
         def side(url: str) -> Side:
             return Side(url, openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0))

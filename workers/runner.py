@@ -103,7 +103,7 @@ class WorkerProcess(Service):
         s = self.settings
         assert s.worker_id
         key = subjects.worker_key(s.model, s.worker_id)
-        started, said = time.time(), ""
+        started, said, said_at = time.time(), "", 0.0
         try:
             kv = await natsio.workers_bucket(nc.jetstream(), self.nats_settings)
         except Exception as e:  # the worker's own start reports NATS trouble
@@ -111,7 +111,8 @@ class WorkerProcess(Service):
             return
         while not loaded.is_set():
             phase = getattr(self.engine, "phase", "") or "starting the engine"
-            if phase != said:
+            # Again and again, not only on a change: worker entries expire (bucket TTL).
+            if phase != said or time.monotonic() - said_at > s.heartbeat_interval:
                 info = WorkerInfo(
                     worker_id=s.worker_id,
                     model=s.model,
@@ -123,7 +124,7 @@ class WorkerProcess(Service):
                 )
                 with contextlib.suppress(Exception):
                     await kv.put(key, msgspec.json.encode(info))
-                    said = phase
+                    said, said_at = phase, time.monotonic()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(loaded.wait(), 0.5)
 
