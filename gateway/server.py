@@ -85,8 +85,14 @@ class GatewayServer(Service):
         self._task = asyncio.create_task(self._server.serve())
         while not self._server.started:
             if self._task.done():
-                await self._task  # raises the bind error
-                raise RuntimeError("gateway server exited during start-up")
+                task, self._task = self._task, None
+                # uvicorn logs a bind error and raises SystemExit: say it as one error.
+                with contextlib.suppress(SystemExit):
+                    await task
+                raise Unavailable(
+                    f"the gateway cannot listen on {self.settings.host}:{self.settings.port} "
+                    "(see the error above)"
+                )
             await asyncio.sleep(0.01)
         sockets = self._server.servers[0].sockets
         self.port = sockets[0].getsockname()[1]

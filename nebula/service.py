@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import TracebackType
 from typing import Self
 
@@ -16,7 +17,15 @@ class Service:
         raise NotImplementedError
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # A half-started service still holds what it opened (a NATS connection, its
+            # tasks): release it, or the process cannot end cleanly. The start error is
+            # the one to report, not a close of something half made.
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
         return self
 
     async def __aexit__(
