@@ -119,6 +119,14 @@ class WorkerLost(NebulaError):
     code = "worker_lost"
 
 
+class EngineDead(NebulaError):
+    """The engine is gone for good (its core process died): only a new worker serves again."""
+
+    status = 503
+    type = "server_error"
+    code = "engine_dead"
+
+
 class EngineError(NebulaError):
     """An engine failed a request; ``status`` may be overridden per instance (upstream errors)."""
 
@@ -148,6 +156,7 @@ _BY_CODE: dict[str, type[NebulaError]] = {
         Unavailable,
         DeadlineExceeded,
         WorkerLost,
+        EngineDead,
     )
     if cls.code
 }

@@ -477,6 +477,71 @@ async def test_prompt_over_context_is_vllms_400(deployment: Deployment) -> None:
         assert "maximum context length" in nebula.message
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city", "days"],
+            },
+        },
+    }
+]
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
+    "required": ["name", "n"],
+    "additionalProperties": False,
+}
+
+
+async def test_tools_and_response_format_pass_through(deployment: Deployment) -> None:
+    """A named tool choice and structured outputs (vLLM's guided decoding): vLLM's own
+    answer, whole, including the tool call it parsed."""
+    asks: list[dict[str, Any]] = [
+        {
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        },
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True},
+            }
+        },
+        {"response_format": {"type": "json_object"}},
+    ]
+    for extra in asks:
+
+        def ask(c: openai.AsyncOpenAI, extra: dict[str, Any] = extra) -> Any:
+            return c.chat.completions.create(
+                model=MODEL, messages=MSG, max_tokens=48, temperature=0, seed=0, **extra
+            )
+
+        direct, nebula = await _both(deployment, ask)
+        assert _plain(nebula) == _plain(direct), extra
+        assert nebula.usage == direct.usage
+    # The named tool's call, parsed by vLLM: a function call with JSON arguments.
+    direct, nebula = await _both(
+        deployment,
+        lambda c: c.chat.completions.create(
+            model=MODEL,
+            messages=MSG,
+            max_tokens=48,
+            temperature=0,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        ),
+    )
+    calls, nebula_calls = direct.choices[0].message.tool_calls, nebula.choices[0].message.tool_calls
+    assert nebula_calls and calls and nebula_calls[0].function.name == "get_weather"
+    assert nebula_calls[0].function.arguments == calls[0].function.arguments
+
+
 async def test_slots_and_load_follow_the_engine(deployment: Deployment) -> None:
     info = await deployment.worker_info()
     assert info is not None and info.engine == "vllm"
@@ -667,6 +732,38 @@ async def test_hung_engine_is_restarted(deployment: Deployment) -> None:
     r = await dep.nebula.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
     assert r.usage is not None and r.usage.completion_tokens == 2
     print(f"hung engine: the request failed after {failed_after:.1f}s; restarted")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+async def test_engine_core_crash_restarts_the_worker(deployment: Deployment) -> None:
+    """vLLM's engine core dies (not the worker): the worker sees the engine dead, exits,
+    and its node agent starts a new one; nothing hangs meanwhile."""
+    dep = deployment
+    pid, _ = await _worker(dep)
+    core = [p for p in _group(pid) if _comm(p).startswith("VLLM::EngineCor")]
+    assert core, [(p, _comm(p)) for p in _group(pid)]
+    for p in core:
+        os.kill(p, signal.SIGKILL)
+    t0 = time.monotonic()
+    # A request meanwhile ends: vLLM's error, a clear Nebula error, or (once the new
+    # worker is up) an answer; never a hang.
+    try:
+        async with asyncio.timeout(300):
+            await dep.nebula.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    except openai.APIStatusError as e:
+        assert e.status_code >= 500 and e.message, e
+    await _wait(lambda: not _group(pid), 60, "the crashed worker's process group to go")
+    gone_after = time.monotonic() - t0
+    await _wait(lambda: _restarted(dep, pid), 600, "a new worker", every=1.0)
+    r = await dep.nebula.client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert r.usage is not None and r.usage.completion_tokens == 2
+    print(f"engine core crash: the worker exited after {gone_after:.1f}s; restarted")
 
 
 async def test_sigkill_leaves_no_engine_processes_and_restarts(deployment: Deployment) -> None:

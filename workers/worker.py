@@ -32,6 +32,7 @@ from nebula import natsio, subjects
 from nebula.errors import (
     Conflict,
     DeadlineExceeded,
+    EngineDead,
     EngineError,
     InvalidRequest,
     NebulaError,
@@ -770,21 +771,24 @@ class Worker(Service):
     async def _stream(self, job: _InFlight, work: Job) -> Usage | None:
         first = True
         limit = self.settings.batch_tokens
+        batch_s = self.settings.batch_ms / 1000
         usage: Usage | None = None
         async for out in self.engine.generate(work):
-            self._last_progress = time.monotonic()
+            now = self._last_progress = time.monotonic()
             if out.usage is not None:
                 usage = out.usage
             if not out.chunk:
                 continue
             job.buf.append(out.chunk if out.framed else sse(out.chunk))
             if not job.buf_tokens:
-                job.buf_since = time.monotonic()
+                job.buf_since = now
             job.buf_tokens += max(out.tokens, 1)
             if first and out.tokens:  # the first token goes out at once
                 first = False
                 await self._flush(job)
-            elif job.buf_tokens >= limit:
+            # A frame at most every batch_ms (or batch_tokens): a token that comes after
+            # a quiet spell goes at once, not on the ticker's next round.
+            elif job.buf_tokens >= limit or now - job.last_sent >= batch_s:
                 await self._flush(job)
             if job.window and job.sent - job.consumed >= job.window:
                 await self._wait_credit(job)
@@ -856,7 +860,8 @@ class Worker(Service):
 
     async def _ticker(self) -> None:
         """Flush batched tokens older than batch_ms, keepalive silent jobs, expire lost pulls."""
-        period = max(self.settings.batch_ms / 1000, 0.002)
+        # A third of batch_ms: a held token waits at most about 1.3x batch_ms.
+        period = max(self.settings.batch_ms / 3000, 0.002)
         keepalive = self.settings.keepalive_interval
         batch_s = self.settings.batch_ms / 1000
         last_pull_check = time.monotonic()
@@ -920,6 +925,12 @@ class Worker(Service):
             except TimeoutError:
                 ok = False
                 reason = f"engine health check did not answer in {self.settings.health_timeout:g}s"
+            except EngineDead as e:
+                if self.state is WorkerState.RUNNING:
+                    log.error("worker %s: %s; exiting to be restarted", self.worker_id, e)
+                    self.broken_reason = str(e)
+                    self.broken.set()
+                return
             except Exception as e:
                 ok = False
                 reason = f"engine health check failed: {e!r}"

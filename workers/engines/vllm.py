@@ -38,7 +38,7 @@ from typing import Any
 
 import msgspec
 
-from nebula.errors import EngineError, InvalidRequest, Unavailable
+from nebula.errors import EngineDead, EngineError, InvalidRequest, Unavailable
 from nebula.openai_types import Usage
 from nebula.protocol import Endpoint
 from workers.engines.base import EngineLoad, Job, Output
@@ -259,8 +259,17 @@ class VllmEngine:
     async def health(self) -> bool:
         if self._engine is None:
             return False
-        await self._engine.check_health()  # raises the engine's own error when it is dead
-        return not self._engine.errored
+        # A dead engine core does not come back inside this process: say so, and the
+        # worker exits for its node agent to restart it.
+        if self._engine.errored:
+            raise EngineDead(f"vLLM's engine core died: {self._engine.dead_error!r}")
+        try:
+            await self._engine.check_health()
+        except Exception as e:
+            if self._engine.errored:
+                raise EngineDead(f"vLLM's engine core died: {e!r}") from None
+            raise
+        return True
 
     async def abort(self, request_id: str) -> None:
         call = self._calls.get(request_id)
