@@ -245,7 +245,6 @@ async def run(args: argparse.Namespace) -> None:
         await wait_models(urls["inproc"], NAMES["inproc"], inproc, tmp / "inproc.log", 900)
         bridge = await procs.spawn(
             procs.nebula_argv(
-                "-v",
                 "worker",
                 f"--model={NAMES['bridge']}",
                 "--engine=openai",
