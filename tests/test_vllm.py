@@ -14,7 +14,6 @@ import contextlib
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from nebula.errors import InvalidRequest
 from nebula.protocol import WorkerInfo
 from nebula.scheduler import Scheduler
 from nebula.settings import GatewaySettings, NatsSettings, NodeSettings, SchedulerSettings
-from tests.conftest import fresh_nats
+from tests.conftest import free_port, fresh_nats
 from workers.node import NodeAgent
 
 pytestmark = [
@@ -78,12 +77,6 @@ VLLM_ENV = {
 MSG = [{"role": "user", "content": "hello tiny model, count to ten"}]
 # Fields that differ between any two answers, whoever serves them.
 VOLATILE = ("id", "created")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -201,7 +194,7 @@ async def deployment(
     tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Deployment]:
     tmp = tmp_path_factory.mktemp("vllm-fabric")
-    vport = _free_port()
+    vport = free_port()
     server: EmbeddedNats = await fresh_nats(tmp / "nats")  # clean KV: only this model
     vllm = await _vllm_server(tiny_model, vport, tmp / "vllm-server.log")
     async with contextlib.AsyncExitStack() as stack:
