@@ -38,7 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -169,6 +169,7 @@ class Scheduler(Service):
         self._ttl = self.settings.lease_ttl
         self._lease_js = nc.jetstream(timeout=max(self._ttl / 3, 0.2))
         self._js = nc.jetstream()
+        self._probe_js = nc.jetstream(timeout=1.0)
         self._lease_kv: KeyValue | None = None
         self._models_kv: KeyValue | None = None
         self._nodes_kv: KeyValue | None = None
@@ -600,8 +601,29 @@ class Scheduler(Service):
             await asyncio.sleep(tick)
             if self.nc.stats["reconnects"] != reconnects:
                 raise _Resync("reconnected to NATS")
-            if len(self._synced) == 3 and self._signature(time.monotonic()) != self._node_sig:
+            if len(self._synced) < 3:
+                continue
+            now = time.monotonic()
+            silent = [nv for nv in self._nodes.values() if nv.info is not None and not nv.deleted]
+            if any(not self._alive(nv, now) for nv in silent) and not await self._nodes_visible():
+                # The nodes bucket has no leader (a NATS server died, an election runs):
+                # no heartbeat can land, so silence says nothing about the nodes. Their
+                # clocks stand still until the bucket answers again.
+                for nv in silent:
+                    nv.last_seen = time.monotonic()
+                continue
+            if self._signature(now) != self._node_sig:
                 self._mark_dirty()
+
+    async def _nodes_visible(self) -> bool:
+        """True when the nodes bucket's stream answers (it has a leader to take beats)."""
+        try:
+            await self._probe_js.stream_info(subjects.kv_stream(subjects.NODES_BUCKET))
+        except NotFoundError:
+            return True  # no bucket: nothing to wait for
+        except Exception:
+            return False
+        return True
 
     # --- reconciling -------------------------------------------------------------
 

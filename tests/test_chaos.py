@@ -230,6 +230,33 @@ class Chaos:
         self.nc: Client | None = None
         self.batch: BatchClient | None = None
         self.placements: KeyValue | None = None
+        # (monotonic time, what): leader elections JetStream announced, and the
+        # gateway's NATS connection going down and up, to explain a recovery time.
+        self.events: list[tuple[float, str]] = []
+
+    async def _on_advisory(self, msg: Any) -> None:
+        if subjects.JS_LEADER_ELECTED in msg.subject:
+            # $JS.EVENT.ADVISORY.{JS|STREAM|CONSUMER}.LEADER_ELECTED[.<stream>[.<consumer>]]
+            kind, _, *name = msg.subject.split(".", 5)[3:]
+            self.events.append((time.monotonic(), " ".join([kind.lower(), *name])))
+
+    async def _watch_gateway(self) -> None:
+        assert self.gw is not None and self.gw.gateway is not None
+        up = True
+        while True:
+            now = self.gw.gateway.nc.is_connected
+            if now != up:
+                up = now
+                self.events.append((time.monotonic(), "gateway " + ("up" if up else "down")))
+            await asyncio.sleep(0.01)
+
+    def timeline(self, t: float) -> dict[str, float]:
+        """Seconds after ``t`` of each recorded event (the first of each kind)."""
+        out: dict[str, float] = {}
+        for at, what in self.events:
+            if at >= t and what not in out:
+                out[what] = round(at - t, 2)
+        return out
 
     async def spawn(self, name: str, argv: list[str], url: str) -> None:
         env = {**self.env, "NEBULA_NATS_URL": url}
@@ -284,6 +311,9 @@ class Chaos:
         )
         self.nc = await natsio.connect(self.nats, name="chaos")
         self.stack.push_async_callback(natsio.close_connection, self.nc)
+        await self.nc.subscribe(subjects.JS_LEADER_ADVISORIES, cb=self._on_advisory)
+        watch = asyncio.create_task(self._watch_gateway())
+        self.stack.callback(watch.cancel)
         js = self.nc.jetstream()
         self.placements = await natsio.placements_bucket(js, self.nats)
         spec = ModelSpec(
@@ -478,9 +508,10 @@ async def test_sigkill_the_gateways_nats_server(chaos: Chaos, repeats: int) -> N
             t = time.monotonic()
             await chaos.cluster.kill(victim)
             await load.wait_served(t, 10)
+            events = chaos.timeline(t)
             await chaos.cluster.members[victim].start()
             await chaos.cluster.wait_ready()
-        await chaos.record("SIGKILL the NATS server the gateway uses", load, t)
+        await chaos.record("SIGKILL the NATS server the gateway uses", load, t, events=events)
 
 
 async def test_restart_every_nats_server_one_by_one(chaos: Chaos, repeats: int) -> None:
