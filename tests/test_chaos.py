@@ -655,3 +655,154 @@ async def test_rolling_restart_with_sigterm(chaos: Chaos, repeats: int) -> None:
             await load.wait_served(t, 10)
         assert not load.errors(), load.errors()
         await chaos.record("rolling restart (SIGTERM) of schedulers and node agents", load, t)
+
+
+class Balanced:
+    """Streaming clients behind two gateways, as a load balancer sends them: round robin,
+    and a request whose connection is refused (it never reached a gateway) goes to the
+    other one. A fresh connection per request, so "refused" is never a reused socket
+    closed under the request. Every stream is recorded whole: its gateway, start and end,
+    role and finish chunks, and whether it ended with ``data: [DONE]``."""
+
+    def __init__(self, urls: list[str], loops: int = 6) -> None:
+        self.urls = urls
+        self.loops = loops
+        # (gateway index, started, ended, problem or "" for a full answer)
+        self.records: list[tuple[int, float, float, str]] = []
+        self.redirected = 0
+        self.open = [0] * len(urls)  # streams under way, per gateway
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Balanced:
+        import httpx
+
+        self.http = httpx.AsyncClient(
+            timeout=DEADLINE, limits=httpx.Limits(max_keepalive_connections=0)
+        )
+        self._tasks = [asyncio.create_task(self._loop(k)) for k in range(self.loops)]
+        await until(lambda: sum(1 for r in self.records if not r[3]) >= 5, timeout=60)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        await self.http.aclose()
+
+    async def _loop(self, k: int) -> None:
+        import httpx
+
+        n = k
+        body = {"model": MODEL, "messages": MSG, "stream": True, "max_tokens": 48}
+        while not self._stop.is_set():
+            n += 1
+            for hop in range(len(self.urls)):
+                g = (n + hop) % len(self.urls)
+                t0 = time.monotonic()
+                self.open[g] += 1
+                try:
+                    problem = await self._stream(self.urls[g], body)
+                except httpx.ConnectError:
+                    self.redirected += 1
+                    continue  # never reached that gateway: the other one
+                except (httpx.HTTPError, TimeoutError) as e:
+                    problem = f"{type(e).__name__}: {e}"
+                finally:
+                    self.open[g] -= 1
+                self.records.append((g, t0, time.monotonic(), problem))
+                break
+            else:
+                await asyncio.sleep(0.05)  # both refused at once: not expected, counted below
+                self.records.append((-1, time.monotonic(), time.monotonic(), "both refused"))
+
+    async def _stream(self, url: str, body: dict[str, Any]) -> str:
+        async with asyncio.timeout(DEADLINE):
+            async with self.http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                if r.status_code != 200:
+                    return f"{r.status_code}: {(await r.aread())[:200]!r}"
+                events = [line async for line in r.aiter_lines() if line.startswith("data: ")]
+        if not events or events[-1] != "data: [DONE]":
+            return f"no [DONE] at the end: {events[-1:]!r}"
+        chunks = [json.loads(e[6:]) for e in events[:-1]]
+        roles = sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role"))
+        ends = sum(1 for c in chunks if c["choices"] and c["choices"][0].get("finish_reason"))
+        if "error" in events[-2]:
+            return f"error event: {events[-2][:200]}"
+        if roles != 1 or ends != 1 or events.count("data: [DONE]") != 1:
+            return f"{roles} role chunks, {ends} finish chunks"
+        return ""
+
+    def in_flight_at(self, g: int, t: float) -> list[str]:
+        """Outcomes of the streams gateway ``g`` was serving at ``t``."""
+        return [p for gw, s, e, p in self.records if gw == g and s <= t <= e]
+
+
+async def test_rolling_restart_of_gateways_under_streaming_load(chaos: Chaos) -> None:
+    """Two gateways under steady streaming load; SIGTERM gateway A (it stops listening,
+    finishes its open streams, exits 0), start it again, then the same for B. No
+    request fails: the ones in flight on a stopped gateway end whole ([DONE], one role
+    and one finish chunk), and new ones are refused at connect and go to the other."""
+    from tests.conftest import free_port
+
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    for i, port in enumerate(ports):
+        await chaos.spawn(
+            f"gateway-{i}",
+            procs.nebula_argv(
+                "gateway", "--port", str(port), "--keepalive-timeout", str(KEEPALIVE),
+                "--dispatch-timeout", "20", "--drain-timeout", "20",
+            ),
+            chaos.cluster.url,
+        )  # fmt: skip
+
+    async def serving(url: str) -> bool:
+        import httpx
+
+        try:
+            async with httpx.AsyncClient(timeout=2) as http:
+                r = await http.get(url + "/v1/models")
+            return r.status_code == 200 and MODEL in r.text
+        except httpx.HTTPError:
+            return False
+
+    for url in urls:
+        await until(lambda u=url: serving(u), timeout=60)
+    in_flight: list[str] = []
+    drains: list[float] = []
+    try:
+        async with Balanced(urls) as load:
+            t = time.monotonic()
+            for i in range(len(ports)):
+                name = f"gateway-{i}"
+                # a moment when this gateway has streams open, so the drain has work
+                await until(lambda i=i: load.open[i] >= 2, timeout=30)
+                t_term = time.monotonic()
+                chaos.children[name].send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(chaos.children[name].wait(), 40) == 0
+                drains.append(round(time.monotonic() - t_term, 2))
+                in_flight += load.in_flight_at(i, t_term)
+                await chaos.respawn(name)
+                await until(lambda u=urls[i]: serving(u), timeout=60)
+            n_after = sum(1 for _, s, _, p in load.records if s > t and not p)
+            await until(
+                lambda: sum(1 for _, s, _, p in load.records if s > t and not p) >= n_after + 10,
+                timeout=60,
+            )
+        failed = [(g, p) for g, _, _, p in load.records if p]
+        assert not failed, failed
+        assert in_flight, "no stream was open on a gateway when it got SIGTERM"
+        row = {
+            "fault": "rolling restart (SIGTERM) of 2 gateways under streaming load",
+            "requests": len(load.records),
+            "errors": len(failed),
+            "in_flight_on_stopped_gateways": len(in_flight),
+            "redirected_at_connect": load.redirected,
+            "drain_s": drains,
+        }
+        chaos.report.append(row)
+        print(f"\nCHAOS {json.dumps(row)}")
+    finally:
+        for i in range(len(ports)):
+            p = chaos.children.pop(f"gateway-{i}")
+            await procs.stop(p, timeout=30)
