@@ -175,13 +175,11 @@ def request_storage(settings: NatsSettings) -> list[tuple[StorageType, int | Non
     return [(StorageType.FILE, AUTO_REPLICAS), (StorageType.MEMORY, 1)]
 
 
-async def _raise_replicas(
-    js: JetStreamContext, settings: NatsSettings, info: Any, want: int | None = None
-) -> None:
+async def _raise_replicas(js: JetStreamContext, settings: NatsSettings, info: Any) -> None:
     """Raise a stream's replica count in place: JetStream copies the data to the new
     peers, nothing is lost. Never lowered here (that is an operator's decision). In
     auto mode JetStream refusing (no cluster, a server down) leaves it as it is."""
-    want = want or settings.replicas or AUTO_REPLICAS
+    want = settings.replicas or AUTO_REPLICAS
     have = info.config.num_replicas or 1
     if want <= have:
         return
@@ -339,7 +337,7 @@ async def ensure_request_stream(
             except APIError as e:
                 if last or not cannot_replicate(e):
                     raise
-                log.info("request stream %s: %s storage (%s)", name, choices[-1][0], e.description)
+                log.info("request stream %s: %s (%s)", name, choices[-1][0].value, e.description)
 
     async def ensure() -> None:
         try:

@@ -170,6 +170,7 @@ class Scheduler(Service):
         self._lease_js = nc.jetstream(timeout=max(self._ttl / 3, 0.2))
         self._js = nc.jetstream()
         self._probe_js = nc.jetstream(timeout=1.0)
+        self._visible_at = 0.0  # when the nodes bucket last answered a probe
         self._lease_kv: KeyValue | None = None
         self._models_kv: KeyValue | None = None
         self._nodes_kv: KeyValue | None = None
@@ -616,13 +617,18 @@ class Scheduler(Service):
                 self._mark_dirty()
 
     async def _nodes_visible(self) -> bool:
-        """True when the nodes bucket's stream answers (it has a leader to take beats)."""
+        """True when the nodes bucket's stream answers (it has a leader to take beats);
+        asked at most once a second (a dead node stays silent for good)."""
+        now = time.monotonic()
+        if now - self._visible_at < 1.0:
+            return True
         try:
             await self._probe_js.stream_info(subjects.kv_stream(subjects.NODES_BUCKET))
         except NotFoundError:
-            return True  # no bucket: nothing to wait for
+            pass  # no bucket: nothing to wait for
         except Exception:
             return False
+        self._visible_at = time.monotonic()
         return True
 
     # --- reconciling -------------------------------------------------------------

@@ -505,13 +505,24 @@ async def test_sigkill_the_gateways_nats_server(chaos: Chaos, repeats: int) -> N
     for _ in range(repeats):
         async with chaos.load() as load:
             victim = chaos.gateway_server()
+            workers = chaos.worker_pids()
             t = time.monotonic()
             await chaos.cluster.kill(victim)
             await load.wait_served(t, 10)
             events = chaos.timeline(t)
             await chaos.cluster.members[victim].start()
             await chaos.cluster.wait_ready()
-        await chaos.record("SIGKILL the NATS server the gateway uses", load, t, events=events)
+        # Workers restarted by the fault: none should be (a bucket without a leader for a
+        # few seconds is no dead node), recorded rather than asserted (1 run in 21 had
+        # both restarted, cause not found).
+        restarted = len(set(workers.items()) - set(chaos.worker_pids().items()))
+        await chaos.record(
+            "SIGKILL the NATS server the gateway uses",
+            load,
+            t,
+            events=events,
+            workers_restarted=restarted,
+        )
 
 
 async def test_restart_every_nats_server_one_by_one(chaos: Chaos, repeats: int) -> None:
