@@ -171,6 +171,9 @@ class Scheduler(Service):
         self._js = nc.jetstream()
         self._probe_js = nc.jetstream(timeout=1.0)
         self._visible_at = 0.0  # when the nodes bucket last answered a probe
+        self._nodes_seq = 0  # newest nodes-bucket stream sequence the watch delivered
+        # (_nodes_seq, when) as a probe first found the watch behind the stream
+        self._lagging: tuple[int, float] = (-1, 0.0)
         self._lease_kv: KeyValue | None = None
         self._models_kv: KeyValue | None = None
         self._nodes_kv: KeyValue | None = None
@@ -462,6 +465,7 @@ class Scheduler(Service):
         self.stats.resyncs += 1
         self._models.clear()
         self._nodes.clear()
+        self._nodes_seq, self._lagging = 0, (-1, 0.0)
         self._placements.clear()
         self._revs.clear()
         self._synced.clear()
@@ -535,6 +539,7 @@ class Scheduler(Service):
             self._mark_dirty()
 
     def _on_node(self, entry: KeyValue.Entry) -> None:
+        self._nodes_seq = max(self._nodes_seq, entry.revision or 0)
         node_id = subjects.node_from_key(entry.key)
         now = time.monotonic()
         nv = self._nodes.get(node_id)
@@ -617,16 +622,28 @@ class Scheduler(Service):
                 self._mark_dirty()
 
     async def _nodes_visible(self) -> bool:
-        """True when the nodes bucket's stream answers (it has a leader to take beats);
-        asked at most once a second (a dead node stays silent for good)."""
+        """True when heartbeats can land in the nodes bucket and reach this view: its
+        stream answers (it has a leader) and holds nothing newer than the watch gave
+        us. A watch whose consumer died with a NATS server delivers nothing while the
+        beats go on landing: that is this view's blindness too, not the nodes' death,
+        and the view is rebuilt. Asked at most once a second."""
         now = time.monotonic()
         if now - self._visible_at < 1.0:
             return True
         try:
-            await self._probe_js.stream_info(subjects.kv_stream(subjects.NODES_BUCKET))
+            info = await self._probe_js.stream_info(subjects.kv_stream(subjects.NODES_BUCKET))
         except NotFoundError:
-            pass  # no bucket: nothing to wait for
+            return True  # no bucket: nothing to wait for
         except Exception:
+            return False
+        if info.state.messages and (info.state.last_seq or 0) > self._nodes_seq:
+            # Beats landed that the watch has not delivered: one in flight, or a dead
+            # watch. Still none delivered a second later: start afresh.
+            seq, since = self._lagging
+            if seq != self._nodes_seq:
+                self._lagging = (self._nodes_seq, now)
+            elif now - since >= 1.0:
+                raise _Resync("the nodes watch fell behind its stream")
             return False
         self._visible_at = time.monotonic()
         return True
