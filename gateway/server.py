@@ -108,7 +108,8 @@ class GatewayServer(Service):
         a stream) and refuse what still arrives, then leave NATS cleanly."""
         gw = self.gateway
         if self._server is not None:
-            for listener in self._server.servers:
+            # (no such attribute when uvicorn never got to listen: a failed start)
+            for listener in getattr(self._server, "servers", ()):
                 listener.close()  # open connections stay; uvicorn closes idle ones
             self._server.should_exit = True
         if gw is not None and not await gw.dispatcher.wait_idle(self.settings.drain_timeout):
