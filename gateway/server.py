@@ -102,12 +102,15 @@ class GatewayServer(Service):
             await asyncio.shield(self._task)
 
     async def close(self) -> None:
-        """Stop accepting, let open requests finish for drain_timeout, end the rest with
-        an OpenAI error (an SSE error event on a stream), then leave NATS cleanly."""
+        """Stop listening at once (a new connection is refused, so a load balancer tries
+        another gateway instead of getting an error), let every request already accepted
+        finish for drain_timeout, end the rest with an OpenAI error (an SSE error event on
+        a stream) and refuse what still arrives, then leave NATS cleanly."""
         gw = self.gateway
-        if gw is not None:
-            gw.draining = True
         if self._server is not None:
+            # (no such attribute when uvicorn never got to listen: a failed start)
+            for listener in getattr(self._server, "servers", ()):
+                listener.close()  # open connections stay; uvicorn closes idle ones
             self._server.should_exit = True
         if gw is not None and not await gw.dispatcher.wait_idle(self.settings.drain_timeout):
             log.warning(
@@ -115,6 +118,7 @@ class GatewayServer(Service):
                 len(gw.dispatcher.calls),
                 self.settings.drain_timeout,
             )
+            gw.draining = True
             gw.dispatcher.fail_all(
                 Unavailable(
                     "the gateway is shutting down; retry the request",
@@ -127,5 +131,6 @@ class GatewayServer(Service):
             self._task = None
         if self.gateway is not None:
             gw, self.gateway = self.gateway, None
+            gw.draining = True
             await gw.close()
             await natsio.close_connection(gw.nc)

@@ -8,10 +8,12 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import sysconfig
 import time
 from pathlib import Path
 
+from nebula import procs
 from nebula.errors import Unavailable
 from nebula.service import Service
 from nebula.settings import EmbeddedNatsSettings
@@ -71,8 +73,16 @@ class EmbeddedNats(Service):
                 args.append("--no_advertise=true")
         out = open(self.log_file, "ab") if self.log_file else asyncio.subprocess.DEVNULL
         try:
+            # Own session (a terminal's Ctrl-C reaches the parent, which stops it last)
+            # and a parent-death signal: a killed parent (an interrupted test run, a
+            # SIGKILLed `nebula up`) leaves no server behind holding ports and a store.
             self.proc = await asyncio.create_subprocess_exec(
-                *args, env=env, stdout=out, stderr=out, start_new_session=True
+                *args,
+                env=env,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                preexec_fn=procs.die_with_parent if sys.platform.startswith("linux") else None,
             )
         finally:
             if not isinstance(out, int):
@@ -178,10 +188,10 @@ class EmbeddedCluster(Service):
                 for url in self.urls:
                     nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
                     try:
-                        info = getattr(nc, "_server_info", {})
-                        peers = set(info.get("connect_urls") or ())
-                        if self.advertise and len(peers) < len(self.members):
-                            raise Unavailable(f"{url} sees {len(peers)} servers")
+                        # the members this one advertises to clients, besides itself
+                        peers = len(nc.discovered_servers) + 1
+                        if self.advertise and peers < len(self.members):
+                            raise Unavailable(f"{url} sees {peers} servers")
                         await nc.jetstream(timeout=2).account_info()
                     finally:
                         await nc.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -43,6 +44,8 @@ WORKER_TTL = 15.0
 NODE_TTL = 30.0
 # A worker whose last heartbeat (every second) is older than this is not live.
 WORKER_LIVE_WINDOW = 3.5
+# Longest pause between two retries of a JetStream call through an election (before jitter).
+RETRY_MAX_DELAY = 0.25
 
 
 _CONNECTION_ERRORS = (
@@ -117,48 +120,80 @@ async def retrying(
                 raise
             log.info("%s failed (%r), retry %d in %.2fs", what, e, attempt, pause)
             await asyncio.sleep(pause)
-            delay = min(delay * 2, 1.0)
+            # Capped low: a stream elects its new leader 3-9 s after one dies, and each
+            # retry after that moment is time the caller waits for nothing.
+            delay = min(delay * 2, RETRY_MAX_DELAY)
 
 
-def cluster_size(nc: Client) -> int:
-    """Servers in the connected cluster, as the server advertises them to clients."""
-    info: dict[str, Any] = getattr(nc, "_server_info", {}) or {}
-    if not info.get("cluster"):
-        return 1
-    return max(len(set(info.get("connect_urls") or ())), 1)
+# Replicas of streams and buckets unless configured: three where JetStream can place
+# them (a cluster of three or more servers), else one.
+AUTO_REPLICAS = 3
+# JetStream's answers to "this many replicas cannot be placed": a server that is not
+# clustered (JSStreamReplicasNotSupportedErr), a cluster with fewer servers (up) than
+# asked for (JSClusterNoPeersErrF).
+_NO_REPLICAS = frozenset({10074, 10005})
 
 
-def replicas(js: JetStreamContext, settings: NatsSettings) -> int:
-    """The configured replica count, else 3 on a cluster of 3 or more servers, else 1."""
+def cannot_replicate(e: BaseException) -> bool:
+    """True for JetStream refusing a replica count the cluster cannot hold."""
+    return isinstance(e, APIError) and e.err_code in _NO_REPLICAS
+
+
+async def create_replicated(
+    settings: NatsSettings, create: Callable[[int], Awaitable[_T]], what: str
+) -> _T:
+    """Create a stream or bucket with the configured replicas, or in auto mode with
+    AUTO_REPLICAS, falling back to one where JetStream itself answers that it cannot
+    place them. The server is asked, not guessed at from what it advertises to clients
+    (which is empty with ``no_advertise``)."""
     if settings.replicas:
-        return settings.replicas
-    nc: Client | None = getattr(js, "_nc", None)
-    return 3 if nc is not None and cluster_size(nc) >= 3 else 1
+        return await create(settings.replicas)
+    try:
+        return await create(AUTO_REPLICAS)
+    except APIError as e:
+        if not cannot_replicate(e):
+            raise
+        log.info("%s: one replica (%s)", what, e.description)
+        return await create(1)
 
 
-def request_storage(js: JetStreamContext, settings: NatsSettings) -> tuple[StorageType, int]:
-    """(storage, replicas) of interactive request streams: memory R1, or file R3."""
-    mode = settings.request_storage
-    if mode == "auto":
-        mode = "file" if replicas(js, settings) > 1 else "memory"
-    if mode == "memory":
-        return StorageType.MEMORY, 1
-    return StorageType.FILE, replicas(js, settings)
+def request_storage(settings: NatsSettings) -> list[tuple[StorageType, int | None]]:
+    """(storage, replicas) to try, in order, for an interactive request stream: memory
+    R1, or file replicated (None: the replica count ``create_replicated`` settles on);
+    auto tries file on a cluster first and falls back to memory where JetStream cannot
+    replicate."""
+    if settings.request_storage == "memory":
+        return [(StorageType.MEMORY, 1)]
+    if settings.request_storage == "file":
+        return [(StorageType.FILE, None)]
+    if settings.replicas:  # auto with a configured count: replicated means file
+        return [
+            (StorageType.FILE, settings.replicas)
+            if settings.replicas > 1
+            else (StorageType.MEMORY, 1)
+        ]
+    return [(StorageType.FILE, AUTO_REPLICAS), (StorageType.MEMORY, 1)]
 
 
-async def _raise_replicas(js: JetStreamContext, info: Any, want: int) -> None:
+async def _raise_replicas(js: JetStreamContext, settings: NatsSettings, info: Any) -> None:
     """Raise a stream's replica count in place: JetStream copies the data to the new
-    peers, nothing is lost. Never lowered here (that is an operator's decision)."""
+    peers, nothing is lost. Never lowered here (that is an operator's decision). In
+    auto mode JetStream refusing (no cluster, a server down) leaves it as it is."""
+    want = settings.replicas or AUTO_REPLICAS
     have = info.config.num_replicas or 1
     if want <= have:
         return
     config = info.config
     config.num_replicas = want
-    log.warning("raising JetStream stream %s from %d to %d replicas", config.name, have, want)
     try:
         await js.update_stream(config)
     except APIError as e:  # e.g. fewer servers than replicas: keep serving as is
-        log.warning("could not raise %s to %d replicas: %s", config.name, want, e.description)
+        if cannot_replicate(e) and not settings.replicas:
+            log.debug("%s stays at %d replicas: %s", config.name, have, e.description)
+        else:
+            log.warning("could not raise %s to %d replicas: %s", config.name, want, e.description)
+        return
+    log.warning("raised JetStream stream %s from %d to %d replicas", config.name, have, want)
 
 
 class ReconnectHooks:
@@ -268,49 +303,73 @@ async def ensure_request_stream(
     owns the spec) rewrites the bounds of a stream that exists; a lower replica count
     than configured is raised in place."""
     bounds = spec or ModelSpec(name=model, engine="")
-    storage, num_replicas = request_storage(js, settings)
-    config = StreamConfig(
-        name=subjects.req_stream(model),
-        subjects=[subjects.req_subject(model)],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=storage,
-        discard=DiscardPolicy.NEW,
-        max_msgs=bounds.max_queue,
-        max_bytes=bounds.max_queue_bytes,
-        num_replicas=num_replicas,
-        max_age=3600.0,
-        # Gateways retry a publish whose ack was lost: the message id drops the repeat.
-        duplicate_window=120.0,
-    )
-    name = config.name
-    assert name is not None
+    choices = request_storage(settings)
+    name = subjects.req_stream(model)
+
+    def config(storage: StorageType, num_replicas: int) -> StreamConfig:
+        return StreamConfig(
+            name=name,
+            subjects=[subjects.req_subject(model)],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=storage,
+            discard=DiscardPolicy.NEW,
+            max_msgs=bounds.max_queue,
+            max_bytes=bounds.max_queue_bytes,
+            num_replicas=num_replicas,
+            max_age=3600.0,
+            # Gateways retry a publish whose ack was lost: the message id drops the repeat.
+            duplicate_window=120.0,
+        )
+
+    async def create() -> None:
+        for i, (storage, n) in enumerate(choices):
+            last = i == len(choices) - 1
+
+            async def add(r: int, storage: StorageType = storage) -> None:
+                await js.add_stream(config(storage, r))
+
+            try:
+                if n is None:
+                    await create_replicated(settings, add, name)
+                else:
+                    await js.add_stream(config(storage, n))
+                return
+            except APIError as e:
+                if last or not cannot_replicate(e):
+                    raise
+                log.info("request stream %s: %s (%s)", name, choices[-1][0].value, e.description)
 
     async def ensure() -> None:
         try:
             info = await js.stream_info(name)
         except NotFoundError:
             try:
-                await js.add_stream(config)
+                await create()
                 return
-            except BadRequestError:
+            except BadRequestError as e:
+                if cannot_replicate(e):
+                    raise
                 info = await js.stream_info(name)  # another process made it just now
-        if info.config.storage != storage:
+        storages = {storage for storage, _ in choices}
+        if info.config.storage not in storages:
             log.warning(
                 "request stream %s uses %s storage, not the configured %s: JetStream cannot "
                 "change it in place; unload and load the model to move it",
                 name,
                 info.config.storage,
-                storage,
+                settings.request_storage,
             )
-        elif num_replicas > (info.config.num_replicas or 1):
-            await _raise_replicas(js, info, num_replicas)
-            info = await js.stream_info(name)
+        elif info.config.storage == StorageType.FILE:
+            have = info.config.num_replicas or 1
+            await _raise_replicas(js, settings, info)
+            if (settings.replicas or AUTO_REPLICAS) > have:
+                info = await js.stream_info(name)
         if update and (info.config.max_msgs, info.config.max_bytes) != (
-            config.max_msgs,
-            config.max_bytes,
+            bounds.max_queue,
+            bounds.max_queue_bytes,
         ):
-            info.config.max_msgs = config.max_msgs
-            info.config.max_bytes = config.max_bytes
+            info.config.max_msgs = bounds.max_queue
+            info.config.max_bytes = bounds.max_queue_bytes
             await js.update_stream(info.config)
 
     await retrying(ensure, timeout=settings.retry_timeout, what=f"ensure stream {name}")
@@ -337,25 +396,26 @@ async def ensure_bucket(
     ttl: float | None = None,
     history: int = 1,
 ) -> KeyValue:
-    want = replicas(js, settings)
-
     async def ensure() -> KeyValue:
         try:
             kv = await js.key_value(bucket)
         except NotFoundError:
             try:
-                return await js.create_key_value(
-                    KeyValueConfig(
-                        bucket=bucket,
-                        ttl=ttl,
-                        history=history,
-                        storage=StorageType.FILE,
-                        replicas=want,
-                    )
-                )
-            except BadRequestError:
+                return await create_replicated(
+                    settings,
+                    lambda n: js.create_key_value(
+                        KeyValueConfig(
+                            bucket=bucket, ttl=ttl, history=history, storage=StorageType.FILE,
+                            replicas=n,
+                        )
+                    ),
+                    bucket,
+                )  # fmt: skip
+            except BadRequestError as e:
+                if cannot_replicate(e):
+                    raise
                 return await js.key_value(bucket)  # another process made it just now
-        await _raise_replicas(js, await js.stream_info(subjects.kv_stream(bucket)), want)
+        await _raise_replicas(js, settings, await js.stream_info(subjects.kv_stream(bucket)))
         return kv
 
     return await retrying(ensure, timeout=settings.retry_timeout, what=f"ensure bucket {bucket}")
@@ -441,7 +501,6 @@ async def ensure_dlq_stream(js: JetStreamContext, settings: NatsSettings) -> Non
         discard=DiscardPolicy.OLD,
         max_msgs=100_000,
         max_age=7 * 24 * 3600.0,
-        num_replicas=replicas(js, settings),
     )
     await _ensure_stream(js, settings, config)
 
@@ -449,18 +508,25 @@ async def ensure_dlq_stream(js: JetStreamContext, settings: NatsSettings) -> Non
 async def _ensure_stream(
     js: JetStreamContext, settings: NatsSettings, config: StreamConfig
 ) -> None:
-    """Create a stream, or raise the replicas of one that exists; retried through elections."""
+    """Create a stream (replicated as ``create_replicated`` decides), or raise the
+    replicas of one that exists; retried through elections."""
     name = config.name
     assert name is not None
+
+    async def add(n: int) -> None:
+        await js.add_stream(dataclasses.replace(config, num_replicas=n))
 
     async def ensure() -> None:
         try:
             info = await js.stream_info(name)
         except NotFoundError:
-            with contextlib.suppress(BadRequestError):  # another process made it a moment ago
-                await js.add_stream(config)
+            try:
+                await create_replicated(settings, add, name)
+            except BadRequestError as e:  # another process made it a moment ago
+                if cannot_replicate(e):
+                    raise
             return
-        await _raise_replicas(js, info, config.num_replicas or 1)
+        await _raise_replicas(js, settings, info)
 
     await retrying(ensure, timeout=settings.retry_timeout, what=f"ensure stream {name}")
 
@@ -476,7 +542,6 @@ async def ensure_batch_streams(js: JetStreamContext, settings: NatsSettings) -> 
             storage=StorageType.FILE,
             discard=DiscardPolicy.NEW,
             duplicate_window=600.0,
-            num_replicas=replicas(js, settings),
         ),
         StreamConfig(
             name=subjects.RESULT_STREAM,
@@ -485,7 +550,6 @@ async def ensure_batch_streams(js: JetStreamContext, settings: NatsSettings) -> 
             storage=StorageType.FILE,
             max_msgs_per_subject=1,
             max_age=7 * 24 * 3600.0,
-            num_replicas=replicas(js, settings),
         ),
     ]
     for config in configs:

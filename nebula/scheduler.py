@@ -38,7 +38,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -169,6 +169,11 @@ class Scheduler(Service):
         self._ttl = self.settings.lease_ttl
         self._lease_js = nc.jetstream(timeout=max(self._ttl / 3, 0.2))
         self._js = nc.jetstream()
+        self._probe_js = nc.jetstream(timeout=1.0)
+        self._visible_at = 0.0  # when the nodes bucket last answered a probe
+        self._nodes_seq = 0  # newest nodes-bucket stream sequence the watch delivered
+        # (_nodes_seq, when) as a probe first found the watch behind the stream
+        self._lagging: tuple[int, float] = (-1, 0.0)
         self._lease_kv: KeyValue | None = None
         self._models_kv: KeyValue | None = None
         self._nodes_kv: KeyValue | None = None
@@ -460,6 +465,7 @@ class Scheduler(Service):
         self.stats.resyncs += 1
         self._models.clear()
         self._nodes.clear()
+        self._nodes_seq, self._lagging = 0, (-1, 0.0)
         self._placements.clear()
         self._revs.clear()
         self._synced.clear()
@@ -533,6 +539,7 @@ class Scheduler(Service):
             self._mark_dirty()
 
     def _on_node(self, entry: KeyValue.Entry) -> None:
+        self._nodes_seq = max(self._nodes_seq, entry.revision or 0)
         node_id = subjects.node_from_key(entry.key)
         now = time.monotonic()
         nv = self._nodes.get(node_id)
@@ -600,8 +607,46 @@ class Scheduler(Service):
             await asyncio.sleep(tick)
             if self.nc.stats["reconnects"] != reconnects:
                 raise _Resync("reconnected to NATS")
-            if len(self._synced) == 3 and self._signature(time.monotonic()) != self._node_sig:
+            if len(self._synced) < 3:
+                continue
+            now = time.monotonic()
+            silent = [nv for nv in self._nodes.values() if nv.info is not None and not nv.deleted]
+            if any(not self._alive(nv, now) for nv in silent) and not await self._nodes_visible():
+                # The nodes bucket has no leader (a NATS server died, an election runs):
+                # no heartbeat can land, so silence says nothing about the nodes. Their
+                # clocks stand still until the bucket answers again.
+                for nv in silent:
+                    nv.last_seen = time.monotonic()
+                continue
+            if self._signature(now) != self._node_sig:
                 self._mark_dirty()
+
+    async def _nodes_visible(self) -> bool:
+        """True when heartbeats can land in the nodes bucket and reach this view: its
+        stream answers (it has a leader) and holds nothing newer than the watch gave
+        us. A watch whose consumer died with a NATS server delivers nothing while the
+        beats go on landing: that is this view's blindness too, not the nodes' death,
+        and the view is rebuilt. Asked at most once a second."""
+        now = time.monotonic()
+        if now - self._visible_at < 1.0:
+            return True
+        try:
+            info = await self._probe_js.stream_info(subjects.kv_stream(subjects.NODES_BUCKET))
+        except NotFoundError:
+            return True  # no bucket: nothing to wait for
+        except Exception:
+            return False
+        if info.state.messages and (info.state.last_seq or 0) > self._nodes_seq:
+            # Beats landed that the watch has not delivered: one in flight, or a dead
+            # watch. Still none delivered a second later: start afresh.
+            seq, since = self._lagging
+            if seq != self._nodes_seq:
+                self._lagging = (self._nodes_seq, now)
+            elif now - since >= 1.0:
+                raise _Resync("the nodes watch fell behind its stream")
+            return False
+        self._visible_at = time.monotonic()
+        return True
 
     # --- reconciling -------------------------------------------------------------
 

@@ -186,6 +186,11 @@ def dlq_subjects_all() -> str:
 # subject, which only the server sets, keeps a publisher's `Status` header harmless.
 JS_ACK_PREFIX = "$JS.ACK."
 
+# JetStream announces every new leader (meta group, a stream, a consumer) here: the
+# chaos suite times elections with it.
+JS_LEADER_ADVISORIES = "$JS.EVENT.ADVISORY.>"
+JS_LEADER_ELECTED = "LEADER_ELECTED"
+
 
 # --- KV buckets and keys -----------------------------------------------------
 

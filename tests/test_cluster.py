@@ -28,9 +28,7 @@ async def test_cluster_streams_and_buckets_get_three_replicas(
     settings = NatsSettings(url=nats_cluster.url)
     nc = await natsio.connect(settings, name="test")
     try:
-        assert natsio.cluster_size(nc) == 3
         js = nc.jetstream()
-        assert natsio.replicas(js, settings) == 3
         kv = await natsio.models_bucket(js, settings)
         assert (await kv.status()).stream_info.config.num_replicas == 3
         await natsio.ensure_batch_streams(js, settings)
@@ -51,15 +49,32 @@ async def test_cluster_streams_and_buckets_get_three_replicas(
 
 
 async def test_single_server_defaults_to_one_replica(
-    nc: object, nats_settings: NatsSettings
+    nc: object, nats_settings: NatsSettings, unique: str
 ) -> None:
+    """JetStream on one server refuses 3 replicas (10074): buckets and streams get 1,
+    auto request storage memory R1; raising them in place is a quiet no-op."""
     from nats.aio.client import Client
 
     assert isinstance(nc, Client)
     js = nc.jetstream()
-    assert natsio.cluster_size(nc) == 1 and natsio.replicas(js, nats_settings) == 1
-    storage, n = natsio.request_storage(js, nats_settings)
-    assert (storage, n) == (StorageType.MEMORY, 1)
+    kv = await natsio.ensure_bucket(js, nats_settings, f"b-{unique}")
+    assert (await kv.status()).stream_info.config.num_replicas == 1
+    await natsio.ensure_bucket(js, nats_settings, f"b-{unique}")  # tries to raise: stays
+    assert (await kv.status()).stream_info.config.num_replicas == 1
+    model = f"one-{unique}"
+    await natsio.ensure_request_stream(js, nats_settings, model)
+    info = await js.stream_info(subjects.req_stream(model))
+    assert (info.config.storage, info.config.num_replicas) == (StorageType.MEMORY, 1)
+    # file storage asked for explicitly: file, still one replica
+    filed = NatsSettings(url=nats_settings.url, request_storage="file")
+    await natsio.ensure_request_stream(js, filed, f"f-{model}")
+    info = await js.stream_info(subjects.req_stream(f"f-{model}"))
+    assert (info.config.storage, info.config.num_replicas) == (StorageType.FILE, 1)
+    # a replica count configured on purpose is not silently lowered: JetStream's error
+    with pytest.raises(Exception, match="replicas"):
+        await natsio.ensure_bucket(
+            js, NatsSettings(url=nats_settings.url, replicas=3), f"c-{unique}"
+        )
 
 
 async def test_replicas_raised_in_place_keep_data(
@@ -311,12 +326,14 @@ async def test_nebula_nats_cli_runs_cluster_members(tmp_path: Path) -> None:
         settings = NatsSettings(url=",".join(f"nats://127.0.0.1:{p}" for p in ports))
 
         async def formed() -> bool:
+            one = NatsSettings(url=f"nats://127.0.0.1:{ports[0]}")
             try:
-                nc = await natsio.connect(settings, name="test", connect_timeout=1)
+                nc = await natsio.connect(one, name="test", connect_timeout=1)
             except Exception:
                 return False
             try:
-                if natsio.cluster_size(nc) < 3:
+                # all three servers routed: the one we reached tells us of the other two
+                if len(nc.discovered_servers) < 2:
                     return False
                 await nc.jetstream(timeout=2).account_info()
                 return True

@@ -247,3 +247,57 @@ async def test_nebula_nats_exits_when_its_server_dies(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_up_gateway_sigterm_drains_its_stream_then_comes_back(tmp_path: Path) -> None:
+    """SIGTERM to the gateway child of `nebula up` (a rolling restart): the stream it
+    is serving ends whole, the gateway exits 0 and nebula up starts it again."""
+    port, nats_port = _free_port(), _free_port()
+    proc = await _start_up(
+        tmp_path, port, "--demo", "--nats-port", str(nats_port),
+        env={"NEBULA_UP_BACKOFF_INITIAL": "0.2"},
+    )  # fmt: skip
+    assert proc.stdout is not None
+    out: list[str] = []
+
+    async def read_all() -> None:
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            out.append(line.decode())
+
+    reader = asyncio.create_task(read_all())
+    try:
+        async with asyncio.timeout(90):
+            while not any("Ctrl-C" in line for line in out):
+                assert proc.returncode is None, "".join(out)
+                await asyncio.sleep(0.1)
+        await _chat_ok(port)
+        gateway = _children_by_role(proc.pid)["gateway"]
+        body = {"model": "sim-chat", "messages": [{"role": "user", "content": "hi"}],
+                "stream": True, "max_tokens": 32}  # fmt: skip
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        async with httpx.AsyncClient(timeout=30) as http:
+            async with http.stream("POST", url, json=body) as r:
+                assert r.status_code == 200
+                events = []
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        if not events:
+                            os.kill(gateway, signal.SIGTERM)  # mid-stream
+                        events.append(line)
+        assert events[-1] == "data: [DONE]" and "error" not in events[-2], events[-3:]
+        assert sum('"finish_reason":"' in e for e in events) == 1, events
+        async with asyncio.timeout(30):
+            while _children_by_role(proc.pid).get("gateway") in (None, gateway):
+                assert proc.returncode is None, "".join(out)
+                await asyncio.sleep(0.1)
+        await _chat_ok(port)
+        assert "gateway exited with code 0" in "".join(out), "".join(out)
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(60):
+            assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        reader.cancel()

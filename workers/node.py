@@ -42,7 +42,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 from prometheus_client import CollectorRegistry
 
@@ -858,6 +858,25 @@ class NodeAgent(Service):
             r.observe(p, entry.revision or 0, force=force)
         return entry.key
 
+    async def _confirm_gone(self, key: str) -> None:
+        """A replica of ours missing from a fresh watch's snapshot: stop it only once a
+        read of its key says it is gone. nats-py can mark a snapshot complete before the
+        entries already delivered to it arrive (it compares the consumer's pending count
+        with what it has received), and believing that stopped healthy workers."""
+        assert self._placements_kv is not None
+        r = self._replicas.get(key)
+        if r is None:
+            return
+        try:
+            entry = await self._placements_kv.get(key)
+        except NotFoundError:  # deleted or never there (KeyDeletedError is one too)
+            r.observe(None, 0, force=True)
+            return
+        except (TimeoutError, NatsError) as e:
+            log.debug("node %s: reading placement %s failed: %s", self.node_id, key, e)
+            return  # keep what runs; the next rebuild looks again
+        self._on_entry(entry, force=True)
+
     def _drop(self, r: _Replica) -> bool:
         """Forget a replica whose key is gone (called from its own task, no await between)."""
         if r.placement is not None or r.handle is not None:
@@ -911,9 +930,8 @@ class NodeAgent(Service):
                 if entry is None:
                     if not synced:
                         synced = True
-                        for key, r in list(self._replicas.items()):
-                            if key not in seen:
-                                r.observe(None, 0, force=True)
+                        for key in [k for k in self._replicas if k not in seen]:
+                            await self._confirm_gone(key)
                     continue
                 mine = self._on_entry(entry, force=not synced)
                 if mine is not None and not synced:

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 # long a worker sits idle after a failover (plus the slack in _ticker).
 PULL_EXPIRES = 2.0
 BATCH_PULL_EXPIRES = 1.0  # short: batch intake must stop soon after interactive load rises
+# A pull answered 503 (the consumer has no leader: an election runs) is asked again
+# after this long, so a worker takes jobs within a fraction of a second of the election.
+REPULL_AFTER_503 = 0.1
 _ACK = b"+ACK"
 _NAK = b"-NAK"
 # A worker stops an attempt once it has been silent this fraction of the gateway's
@@ -193,6 +196,8 @@ class Worker(Service):
         self.completion_tokens = 0
         self.peak_inflight = 0
         self._last_repair = 0.0
+        self._repairing: asyncio.Task[None] | None = None
+        self._repull: asyncio.Task[None] | None = None
         self._last_tick = time.monotonic()
         self._started_at = time.time()
         # Batch items: their own pull inbox, pulls, slots, and a short cache of job states.
@@ -328,10 +333,11 @@ class Worker(Service):
                 await self._send_error(
                     job, WorkerLost(self.broken_reason or "worker stopped before finishing")
                 )
-        for t in self._tasks:
+        tasks = [*self._tasks, *(t for t in (self._repairing, self._repull) if t is not None)]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         for sub in self._subs:
             with contextlib.suppress(Exception):
@@ -634,8 +640,25 @@ class Worker(Service):
             if self._pulls:
                 self._pulls.popleft()
             if status == "503" or "Consumer Deleted" in hdrs.get("Description", ""):
-                await self._repair()
+                self._repair_soon()
+            if status == "503":
+                # Nobody answers pulls while the consumer elects a leader: ask again
+                # shortly, not in a tight loop and not only at the next pull expiry.
+                if self._repull is None or self._repull.done():
+                    self._repull = asyncio.create_task(self._refill_after(REPULL_AFTER_503))
+                return
         await self._refill()
+
+    async def _refill_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await self._refill()
+
+    def _repair_soon(self) -> None:
+        """Re-create the stream and consumer in the background: the repair may wait out a
+        leader election (seconds), and deliveries must not queue up behind it in this
+        subscription's callback meanwhile."""
+        if self._repairing is None or self._repairing.done():
+            self._repairing = asyncio.create_task(self._repair())
 
     async def _repair(self) -> None:
         """Re-create the stream and consumer (memory storage dies with a NATS restart)."""
@@ -648,6 +671,8 @@ class Worker(Service):
             await self._ensure_consumer()
         except Exception as e:
             log.warning("could not re-create the queue for %r: %s", self.model, e)
+            return
+        await self._refill()
 
     def _jobs_of(self, data: bytes) -> tuple[list[_InFlight], list[bytes]]:
         parts = data.split()
@@ -997,8 +1022,7 @@ class Worker(Service):
         # repair below may wait out a leader election; a pull answered 503 repairs too.
         await self._refill()
         self._last_repair = 0.0
-        await self._repair()
-        await self._refill()
+        self._repair_soon()
         if self._adapter_host is not None:  # spec writes missed while disconnected
             with contextlib.suppress(Exception):
                 await self._read_spec()
