@@ -7,8 +7,11 @@
 * HTTP: ``/v1/embeddings`` with one text per request, wrk at concurrency 64
   (gateway, an `hf` worker and nats-server as separate processes);
 * NATS batch path: the same texts as one batch job (nebula.client), submit to the
-  last result collected: one text per job message, then ``--per-item`` texts per
-  message (an item's ``input`` may be a list: one message and one result for many).
+  last result collected: one text per job message (the one-item form raw publishers
+  use), then one text per item packed ``--pack`` items per message (the client's and
+  CLI's default: a result per item, one message and one ack per pack);
+* CLI: ``nebula batch embed`` on a JSONL file of the same texts, to its output file
+  (a subprocess: reading, packing, collecting and writing rows included).
 
 Direct and the worker use the same torch thread count (``--threads``, default: one
 per core). The three run in turn, ``--rounds`` times: the machine may be shared, so
@@ -86,23 +89,38 @@ def direct(model: Any, items: list[str]) -> tuple[float, int, float]:
     return best
 
 
-async def batch_path(nats_url: str, items: list[str], per_item: int = 1) -> float:
-    """Submit to last result; ``per_item`` texts in each job message (its input list)."""
-    chunks = [items[i : i + per_item] for i in range(0, len(items), per_item)]
+async def batch_path(nats_url: str, items: list[str], pack: int = 1) -> float:
+    """Submit to last result, one text per item, ``pack`` items per job message."""
     async with await BatchClient.connect(nats_url) as client:
-        job = await client.create(MODEL, total=len(chunks))
+        job = await client.create(MODEL, total=len(items))
         t0 = time.perf_counter()
-        await client.submit(
-            job, ((str(i), {"input": c if per_item > 1 else c[0]}) for i, c in enumerate(chunks))
-        )
+        await client.submit(job, ((str(i), {"input": t}) for i, t in enumerate(items)), pack=pack)
         got: set[str] = set()
         async for r in client.results(job.job_id):
             assert r.ok, r.body
             got.add(r.item_id)
-            if len(got) == len(chunks):
+            if len(got) == len(items):
                 break
         rate = len(items) / (time.perf_counter() - t0)
         await client.purge(job.job_id)
+    return rate
+
+
+async def cli_path(nats_url: str, items: list[str], tmp: Path) -> float:
+    """``nebula batch embed`` from a fresh JSONL file to its output, as a user runs it."""
+    src, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    src.write_bytes(b"".join(json.dumps({"id": str(i), "text": t}).encode() + b"\n"
+                             for i, t in enumerate(items)))  # fmt: skip
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *procs.nebula_argv("batch", "embed", str(src), "-o", str(out), "--model", MODEL,
+                           "--nats-url", nats_url),
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await proc.wait() == 0
+    rate = len(items) / (time.perf_counter() - t0)
+    assert out.read_bytes().count(b"\n") == len(items)
     return rate
 
 
@@ -125,7 +143,7 @@ async def main() -> None:
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--per-item", type=int, default=32, help="texts per job message (last column)")
+    ap.add_argument("--pack", type=int, default=64, help="items per job message (packed row)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # As the hf engine does in the worker (see workers/engines/hf.py): direct and fabric
@@ -178,11 +196,12 @@ async def main() -> None:
                 )
                 b_rate, b_cpu = await measured(meter, lambda: batch_path(nats.url, items))
                 c_rate, c_cpu = await measured(
-                    meter, lambda: batch_path(nats.url, items, args.per_item)
+                    meter, lambda: batch_path(nats.url, items, args.pack)
                 )
+                e_rate, e_cpu = await measured(meter, lambda: cli_path(nats.url, items, tmp))
                 n = len(items)
                 http = (d_rate, d_batch, d_cpu, w, w_cpu / w["requests"])
-                rows.append((*http, b_rate, b_cpu / n, c_rate, c_cpu / n))
+                rows.append((*http, b_rate, b_cpu / n, c_rate, c_cpu / n, e_rate, e_cpu / n))
         finally:
             await procs.stop(wk)
             await procs.stop(gw)
@@ -192,29 +211,30 @@ async def main() -> None:
         f"nats-server and load generator on the same "
         f"machine), {args.texts} texts\n"
     )
-    k = args.per_item
+    k = args.pack
     print(
-        "| round | direct encode (best batch) | HTTP c=64 (wrk) | ratio | NATS batch, 1 text "
-        f"per item | ratio | NATS batch, {k} texts per item | ratio "
-        "| CPU ms per embedding: direct / HTTP / batch 1 / batch " + str(k) + " |"
+        "| round | direct encode (best batch) | HTTP c=64 (wrk) | ratio | NATS batch, 1 item "
+        f"per message | ratio | NATS batch, {k} items per message | ratio | CLI | ratio "
+        f"| CPU ms per embedding: direct / HTTP / batch 1 / batch {k} / CLI |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for i, (d, batch, dc, w, wc, b, bc, c, cc) in enumerate(rows, 1):
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for i, (d, batch, dc, w, wc, b, bc, c, cc, e, ec) in enumerate(rows, 1):
         print(
             f"| {i} | {d:,.0f}/s (batch {batch}) | {w['rps']:,.0f}/s "
             f"(p99 {w['p99']:.0f} ms, {int(w['errors'])} errors) | {w['rps'] / d:.2f}x | "
-            f"{b:,.0f}/s | {b / d:.2f}x | {c:,.0f}/s | {c / d:.2f}x | "
-            f"{dc * 1e3:.2f} / {wc * 1e3:.2f} / {bc * 1e3:.2f} / {cc * 1e3:.2f} |"
+            f"{b:,.0f}/s | {b / d:.2f}x | {c:,.0f}/s | {c / d:.2f}x | {e:,.0f}/s | {e / d:.2f}x | "
+            f"{dc * 1e3:.2f} / {wc * 1e3:.2f} / {bc * 1e3:.2f} / {cc * 1e3:.2f} / {ec * 1e3:.2f} |"
         )
 
     def ratios(num: int, cpu: bool = False) -> str:
         return span([r[2] / r[num] if cpu else r[num] / r[0] for r in rows])
 
     print(
-        f"\nthroughput vs direct: HTTP {span([r[3]['rps'] / r[0] for r in rows])}x, "
-        f"batch {ratios(5)}x, batch {k}/item {ratios(7)}x; CPU per embedding, direct / "
-        f"fabric: HTTP {ratios(4, True)}x, batch {ratios(6, True)}x, "
-        f"batch {k}/item {ratios(8, True)}x"
+        f"\ndirect {span([r[0] for r in rows], '{:,.0f}')}/s; throughput vs direct: HTTP "
+        f"{span([r[3]['rps'] / r[0] for r in rows])}x, batch 1/message {ratios(5)}x, "
+        f"batch {k}/message {ratios(7)}x, CLI {ratios(9)}x; CPU per embedding, direct / "
+        f"fabric: HTTP {ratios(4, True)}x, batch 1/message {ratios(6, True)}x, "
+        f"batch {k}/message {ratios(8, True)}x, CLI {ratios(10, True)}x"
     )
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -33,6 +33,7 @@ from gateway.errors import (
     sse_error,
     unhandled_error_handler,
 )
+from gateway.fastpath import FastPath
 from gateway.metrics import (
     CLIENT_GONE,
     COMPLETED,
@@ -431,6 +432,12 @@ def create_app(gw: Gateway) -> FastAPI:
     app.add_route("/health", health, methods=["GET"])
     app.add_route("/ready", ready, methods=["GET"])
     app.add_route("/metrics", prometheus, methods=["GET"])
+    # The hot routes skip the router and FastAPI's layers (see gateway/fastpath.py).
+    app.add_middleware(
+        FastPath,
+        routes={"/v1/chat/completions": chat, "/v1/completions": completions,
+                "/v1/embeddings": embeddings},
+    )  # fmt: skip
     app.state.gateway = gw
     return app
 

@@ -13,6 +13,7 @@ submitted are submitted. Every input row ends with exactly one output row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -77,20 +78,31 @@ def read_rows(path: Path, model: str) -> list[Row]:
     return rows
 
 
+class _Vector(msgspec.Struct):
+    embedding: msgspec.Raw
+
+
+class _Answer(msgspec.Struct):
+    data: list[_Vector]
+
+
 def output_row(row: Row, result: Result) -> bytes:
-    body: Any = result.json() if result.body[:1] == b"{" else {"error": {"message": "?"}}
+    """The output line, spliced from the stored answer's bytes (its vector is not
+    decoded and encoded again)."""
+    body = result.body if result.body[:1] == b"{" else b'{"error":{"message":"?"}}'
+    rid = msgspec.json.encode(row.item_id)
     if row.openai_format:
-        out: dict[str, Any] = {
-            "id": f"batch_req_{uuid.uuid4().hex}",
-            "custom_id": row.item_id,
-            "response": {"status_code": result.status, "request_id": row.item_id, "body": body},
-            "error": None,
-        }
-    elif result.ok:
-        out = {"id": row.item_id, "embedding": body["data"][0]["embedding"]}
-    else:
-        out = {"id": row.item_id, "error": body.get("error", body)}
-    return msgspec.json.encode(out) + b"\n"
+        return b'{"id":"batch_req_%s","custom_id":%s,"response":{"status_code":%d,' \
+            b'"request_id":%s,"body":%s},"error":null}\n' % (
+                uuid.uuid4().hex.encode(), rid, result.status, rid, body
+            )  # fmt: skip
+    if result.ok:
+        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError, IndexError):
+            vector = msgspec.json.decode(body, type=_Answer).data[0].embedding
+            return b'{"id":%s,"embedding":%s}\n' % (rid, bytes(vector))
+    obj: Any = msgspec.json.decode(body) if result.body[:1] == b"{" else {}
+    error = obj.get("error", obj) if isinstance(obj, dict) else obj
+    return msgspec.json.encode({"id": row.item_id, "error": error}) + b"\n"
 
 
 def _is_failure(obj: dict[str, Any]) -> bool:

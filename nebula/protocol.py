@@ -147,3 +147,19 @@ class BatchJob(msgspec.Struct, frozen=True, kw_only=True):
     total: int = 0
     state: JobState = JobState.SUBMITTING
     created_at: float = 0.0
+
+
+class BatchEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One item of a packed job message: its id (unique within the job) and its
+    request body, kept as the publisher's bytes (the engine reads them unchanged)."""
+
+    id: str
+    body: msgspec.Raw
+
+
+class BatchPack(msgspec.Struct, frozen=True, kw_only=True):
+    """A job message of many items (header ``Nebula-Items``: their count). Each item
+    still gets its own result on ``result.<job>.<item>``; the message is acked once
+    all of them are stored."""
+
+    items: list[BatchEntry]

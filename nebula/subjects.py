@@ -8,6 +8,7 @@ KV key and consumer name.
 
 from __future__ import annotations
 
+import hashlib
 import string
 
 from nebula.errors import InvalidRequest
@@ -137,6 +138,13 @@ def item_msg_id(job_id: str, item_id: str) -> str:
     return f"{model_token(job_id)}:{model_token(item_id)}"
 
 
+def pack_msg_id(job_id: str, item_ids: list[str]) -> str:
+    """Nats-Msg-Id of a packed message: its first item, its count and a digest of all
+    its ids (a resumed run may pack the same first item with other items)."""
+    digest = hashlib.blake2b("\n".join(item_ids).encode(), digest_size=8).hexdigest()
+    return f"{model_token(job_id)}:{model_token(item_ids[0])}+{len(item_ids)}:{digest}"
+
+
 # --- replies and cancellation ------------------------------------------------
 
 
@@ -241,6 +249,8 @@ H_SILENCE = "Nebula-Silence-Timeout"  # seconds of silence after which the gatew
 H_DEAD_REASON = "Nebula-Dead-Reason"  # why a job went to the dead-letter subject
 H_JOB_ID = "Nebula-Job-Id"  # batch job an item belongs to
 H_ITEM_ID = "Nebula-Item-Id"  # the item's id, unique within its job
+# A packed job message (body: {"items": [{"id", "body"}, ...]}): how many items it holds.
+H_ITEMS = "Nebula-Items"
 H_USAGE = "Nebula-Usage"  # on an end frame: "<prompt tokens> <completion tokens>"
 # JetStream's own de-duplication header: a publish retried after a lost ack is stored once.
 H_MSG_ID = "Nats-Msg-Id"

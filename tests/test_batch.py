@@ -217,6 +217,73 @@ async def test_malformed_items_get_results_or_dead_letters_and_cancel_is_exact(
     assert status.done == 200
 
 
+async def test_packed_messages_give_one_result_per_item(
+    fabric: Fabric, nc: Client, nats_settings: NatsSettings, unique: str
+) -> None:
+    """Many items in one job message (``Nebula-Items``), as the client and CLI send
+    them: each item gets its own result, a bad item its own error, an id twice in a
+    pack one result, a pack that is not the documented shape a dead letter; the
+    one-item form keeps working beside it."""
+    model = f"bpack-{unique}"
+    await fabric.worker(model, max_concurrency=4)
+    client = await BatchClient.open(nc, nats_settings)
+    await until_served(client, model)
+    job = await client.create(model, total=0)
+    js = nc.jetstream()
+    subject = subjects.job_subject(model)
+    items = [{"id": f"p{i}", "body": {"input": f"text {i}"}} for i in range(50)]
+    items.append({"id": "bad", "body": {"input": []}})
+    items.append({"id": "p3", "body": {"input": "text 3"}})  # p3 twice: one result
+    await js.publish(
+        subject,
+        json.dumps({"items": items}).encode(),
+        headers={subjects.H_JOB_ID: job.job_id, subjects.H_ITEMS: str(len(items))},
+    )
+    await js.publish(
+        subject,
+        b'{"input": "alone"}',
+        headers={subjects.H_JOB_ID: job.job_id, subjects.H_ITEM_ID: "one"},
+    )
+    await js.publish(
+        subject,
+        b'{"items": "nope"}',
+        headers={subjects.H_JOB_ID: job.job_id, subjects.H_ITEMS: "1"},
+    )
+    got: dict[str, list[int]] = {}
+    async for r in client.results(job.job_id):
+        got.setdefault(r.item_id, []).append(r.status)
+        if len(got) == 52:
+            break
+    assert set(got) == {f"p{i}" for i in range(50)} | {"bad", "one"}
+    assert got["bad"] == [400] and got["one"] == [200]
+    assert all(got[f"p{i}"] == [200] for i in range(50))
+    dead = await js.get_last_msg(subjects.DLQ_STREAM, subjects.dlq_subject(model))
+    assert "packed batch message" in (dead.headers or {})[subjects.H_DEAD_REASON]
+    # The client packs (embedding items, 64 a message by default, fewer under a byte
+    # limit) and still counts acked items in submission order.
+    job2 = await client.create(model, total=300)
+    before = (await js.stream_info(subjects.JOB_STREAM)).state.last_seq
+    acked: list[int] = []
+    sent = await client.submit(
+        job2, ((f"q{i}", {"input": f"t{i}"}) for i in range(300)), on_acked=acked.append,
+        pack_bytes=1024,
+    )  # fmt: skip
+    assert sent == 300 and acked[-1] == 300
+    messages = (await js.stream_info(subjects.JOB_STREAM)).state.last_seq - before
+    # Packed, and cut by bytes too (1 KiB a message: about 19 items).
+    assert 300 / 64 < messages < 300 / 4
+    ids = set()
+    async for r in client.results(job2.job_id):
+        assert r.ok, r.body
+        ids.add(r.item_id)
+        if len(ids) == 300:
+            break
+    status = await client.status(job2.job_id)
+    assert status.done == 300
+    await client.purge(job.job_id)
+    await client.purge(job2.job_id)
+
+
 async def test_interactive_chat_overtakes_a_running_batch_on_the_same_worker(
     fabric: Fabric, nc: Client, nats_settings: NatsSettings, unique: str
 ) -> None:

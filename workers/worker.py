@@ -19,7 +19,9 @@ import socket
 import time
 import uuid
 from collections import deque
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -41,10 +43,19 @@ from nebula.errors import (
 )
 from nebula.logs import REQUEST_ID
 from nebula.openai_types import SSE_DONE, StreamFlags, Usage, sse
-from nebula.protocol import BatchJob, Endpoint, FrameKind, JobState, ModelSpec, WorkerInfo
+from nebula.protocol import (
+    BatchJob,
+    BatchPack,
+    Endpoint,
+    FrameKind,
+    JobState,
+    ModelSpec,
+    WorkerInfo,
+)
 from nebula.service import Service
 from nebula.settings import NatsSettings, WorkerSettings
 from workers.engines.base import AdapterHost, Engine, Job
+from workers.results import ResultPublisher
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +69,8 @@ BATCH_PULL_EXPIRES = 1.0  # short: batch intake must stop soon after interactive
 REPULL_AFTER_503 = 0.1
 _ACK = b"+ACK"
 _NAK = b"-NAK"
+_IN_PROGRESS = b"+WPI"
+_NAK_SOON = b'-NAK {"delay": 1000000000}'  # redeliver after a second
 # A worker stops an attempt once it has been silent this fraction of the gateway's
 # silence timeout: by then the gateway may have re-queued it, so it must not finish.
 _FENCE = 0.9
@@ -143,6 +156,13 @@ def _parse_headers(hdrs: dict[str, str]) -> _JobHeaders | InvalidRequest:
     return _JobHeaders(rid, reply, attempt, endpoint, deadline, window, silence)
 
 
+def _stream_seq(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:
+        return 0
+
+
 def _valid_reply(subject: str) -> bool:
     return bool(subject) and not any(c in subject for c in " \t\r\n*>") and ".." not in subject
 
@@ -212,6 +232,10 @@ class Worker(Service):
         # Batch items held at once: an engine that batches (hf) asks for more than its
         # concurrency, so its passes can pick texts of similar length.
         self._batch_slots = max(int(getattr(engine, "batch_slots", 0)), settings.max_concurrency)
+        self._batch_held = 0  # items in the batch messages held now
+        self._items_per_msg = 1.0  # recent items per batch message (packed ones hold many)
+        self._results = ResultPublisher(nc, timeout=10.0)
+        self._batch_sem = asyncio.Semaphore(self._batch_slots)
         self._job_states: dict[str, tuple[float, asyncio.Future[str]]] = {}
         self.items_done = 0
         # LoRA adapters the model's spec asks for (engines that host adapters only).
@@ -250,6 +274,7 @@ class Worker(Service):
             await natsio.ensure_batch_streams(js, self.nats_settings)
             await self._ensure_job_consumer()
             self._jobs_kv = await natsio.jobs_bucket(js, self.nats_settings)
+            await self._results.start()
             self._batch_sub = await self.nc.subscribe(self._batch_deliver, cb=self._on_item)
         self.state = WorkerState.RUNNING
         await self._heartbeat_once()
@@ -323,6 +348,7 @@ class Worker(Service):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_timeout):
                     await asyncio.gather(*self._batch_inflight.values(), return_exceptions=True)
+        await self._results.close()
         if self._inflight and not self.broken.is_set():  # a hung engine finishes nothing
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -437,11 +463,13 @@ class Worker(Service):
         if self._batch_sub is None or len(self._inflight) >= self.settings.max_concurrency:
             return
         owed = int(sum(p[1] for p in self._bpulls))
-        slots = self._batch_slots
         # Counted in items and in texts the engine has waiting: items of many texts must
-        # not pile up past their ack_wait inside the engine.
-        held = max(len(self._batch_inflight), self.engine.load().waiting)
-        want = slots - held - owed
+        # not pile up past their ack_wait inside the engine. A pull asks for messages,
+        # so free item slots become messages by the recent items per message (packed).
+        per_msg = max(self._items_per_msg, 1.0)
+        slots = max(int(self._batch_slots / per_msg), 1)
+        held = max(self._batch_held, self.engine.load().waiting) / per_msg
+        want = int(slots - held) - owed
         # One pull per few free slots, not one per finished item (each pull is a message
         # to the server and back); with nothing owed, any free slot is worth a pull.
         if want <= 0 or (owed and want < slots // 16):
@@ -464,15 +492,38 @@ class Worker(Service):
             await self.nc.publish(msg.reply, _NAK)
             return
         job_id, item_id = hdrs.get(subjects.H_JOB_ID, ""), hdrs.get(subjects.H_ITEM_ID, "")
-        if not job_id or not item_id:
+        count = hdrs.get(subjects.H_ITEMS)
+        if not job_id or (not item_id and count is None):
             await self.nc.publish(msg.reply, _ACK)
-            await self._dead_letter(msg, "batch item needs Nebula-Job-Id and Nebula-Item-Id")
+            await self._dead_letter(
+                msg, "batch item needs Nebula-Job-Id and Nebula-Item-Id (or Nebula-Items)"
+            )
             return
-        key = (job_id, item_id)
+        if count is not None:  # packed: many items, one result each
+            n = int(count) if count.isdigit() and int(count) > 0 else 1
+            key = (job_id, f"#{_stream_seq(msg)}")
+        else:
+            n, key = 1, (job_id, item_id)
         if key in self._batch_inflight:
-            return  # a redelivery of an item running here: its result is on the way
-        task = asyncio.create_task(self._run_item(msg, job_id, item_id))
-        self._batch_inflight[key] = task
+            return  # a redelivery of a message running here: its results are on the way
+        self._items_per_msg += (n - self._items_per_msg) * 0.2
+        self._batch_held += n
+        run = self._run_pack(msg, job_id, n) if count is not None else self._run_item(msg, job_id)
+        self._batch_inflight[key] = asyncio.create_task(self._held(run, key, n))
+
+    async def _held(self, run: Coroutine[Any, Any, None], key: tuple[str, str], n: int) -> None:
+        try:
+            await run
+        except asyncio.CancelledError:
+            pass  # not acked: JetStream hands it to a worker again
+        except Exception as e:
+            log.warning(
+                "batch message of job %s: results not stored (%s); it will rerun", key[0], e
+            )
+        finally:
+            self._batch_inflight.pop(key, None)
+            self._batch_held -= n
+            await self._refill_batch()
 
     async def _job_state(self, job_id: str) -> str:
         """The job's state from KV, cached for a second: one read per job, not per item,
@@ -494,64 +545,122 @@ class Worker(Service):
                     return msgspec.json.decode(entry.value, type=BatchJob).state.value
         return ""
 
-    async def _run_item(self, msg: Msg, job_id: str, item_id: str) -> None:
-        hdrs = msg.headers or {}
+    async def _item_check(self, msg: Msg, job_id: str) -> Endpoint | NebulaError:
+        """What a job message's items run as, or the error every one of them gets."""
         try:
-            try:
-                delivered = msg.metadata.num_delivered
-            except Exception:
-                delivered = 1
-            try:
-                if delivered > self.settings.max_deliver:
-                    raise EngineError(f"the item was delivered {delivered} times without a result")
-                if await self._job_state(job_id) == JobState.CANCELLED.value:
-                    raise Conflict(f"job {job_id} was cancelled")
-                endpoint = _ENDPOINTS.get(hdrs.get(subjects.H_ENDPOINT) or "embedding")
-                if endpoint is None:
-                    raise InvalidRequest(
-                        f"bad {subjects.H_ENDPOINT} header", param=subjects.H_ENDPOINT
-                    )
-                work = Job(
-                    request_id=f"{job_id}/{item_id}",
-                    model=self.model,
-                    endpoint=endpoint,
-                    body=msg.data,
-                    stream=False,
-                    include_usage=False,
-                    priority=1,
-                )
-                body = b""
-                async for out in self.engine.generate(work):
-                    self._last_progress = time.monotonic()
-                    body = out.chunk
-                status = 200
-            except NebulaError as e:
-                body, status = e.to_json(), e.status
-            except Exception as e:
-                log.exception("batch item %s/%s failed", job_id, item_id)
-                body, status = EngineError(f"engine failed: {e!r}").to_json(), 500
+            delivered = msg.metadata.num_delivered
+        except Exception:
+            delivered = 1
+        if delivered > self.settings.max_deliver:
+            return EngineError(f"the item was delivered {delivered} times without a result")
+        if await self._job_state(job_id) == JobState.CANCELLED.value:
+            return Conflict(f"job {job_id} was cancelled")
+        endpoint = _ENDPOINTS.get((msg.headers or {}).get(subjects.H_ENDPOINT) or "embedding")
+        if endpoint is None:
+            return InvalidRequest(f"bad {subjects.H_ENDPOINT} header", param=subjects.H_ENDPOINT)
+        return endpoint
+
+    async def _item_result(
+        self, job_id: str, item_id: str, body: bytes, endpoint: Endpoint | NebulaError
+    ) -> tuple[bytes, int]:
+        """One item's answer (an OpenAI body) and its status; failures are results too."""
+        if isinstance(endpoint, NebulaError):
+            return endpoint.to_json(), endpoint.status
+        async with self._batch_sem:  # a pack holds no more items in the engine than slots
+            return await self._answer(job_id, item_id, body, endpoint)
+
+    async def _answer(
+        self, job_id: str, item_id: str, body: bytes, endpoint: Endpoint
+    ) -> tuple[bytes, int]:
+        work = Job(
+            request_id=f"{job_id}/{item_id}",
+            model=self.model,
+            endpoint=endpoint,
+            body=body,
+            stream=False,
+            include_usage=False,
+            priority=1,
+        )
+        try:
+            out_body = b""
+            async for out in self.engine.generate(work):
+                self._last_progress = time.monotonic()
+                out_body = out.chunk
+            return out_body, 200
+        except NebulaError as e:
+            return e.to_json(), e.status
+        except Exception as e:
+            log.exception("batch item %s/%s failed", job_id, item_id)
+            return EngineError(f"engine failed: {e!r}").to_json(), 500
+
+    async def _store(self, job_id: str, answers: list[tuple[str, bytes, int]], msg: Msg) -> None:
+        """Results stored first, the message acked after: a crash in between reruns its
+        items, and a rerun's result lands on the same subject, where the stream keeps
+        one. All publishes go out at once; the ack waits for all of their acks."""
+        futs = []
+        for item_id, body, status in answers:
             headers = {
                 subjects.H_JOB_ID: job_id,
                 subjects.H_ITEM_ID: item_id,
                 subjects.H_STATUS: str(status),
                 subjects.H_WORKER: self.worker_id,
             }
-            # Stored first, acked after: a crash in between reruns the item, and the
-            # rerun's result lands on the same subject, where the stream keeps one.
-            await self.nc.jetstream().publish(
-                subjects.result_subject(job_id, item_id), body, headers=headers, timeout=10.0
+            futs.append(
+                await self._results.publish(subjects.result_subject(job_id, item_id), body, headers)
             )
+        failed = [r for r in await asyncio.gather(*futs, return_exceptions=True) if r is not None]
+        if failed:
+            # Handed out again soon (not after ack_wait); their reruns replace nothing.
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, _NAK_SOON)
+            raise failed[0] if isinstance(failed[0], Exception) else RuntimeError(failed[0])
+        await self.nc.publish(msg.reply, _ACK)
+        self.items_done += len(answers)
+
+    async def _run_item(self, msg: Msg, job_id: str) -> None:
+        """A one-item message (the documented raw-NATS form)."""
+        item_id = (msg.headers or {})[subjects.H_ITEM_ID]
+        endpoint = await self._item_check(msg, job_id)
+        body, status = await self._item_result(job_id, item_id, msg.data, endpoint)
+        await self._store(job_id, [(item_id, body, status)], msg)
+
+    async def _in_progress(self, msg: Msg) -> None:
+        """A pack of long items (chat) may outlast ack_wait: tell JetStream it is being
+        worked on, so it is not handed to a second worker meanwhile."""
+        while True:
+            await asyncio.sleep(self.settings.batch_ack_wait / 3)
+            with contextlib.suppress(Exception):
+                await self.nc.publish(msg.reply, _IN_PROGRESS)
+
+    async def _run_pack(self, msg: Msg, job_id: str, n: int) -> None:
+        """A packed message: its items run at once (the engine batches them together)."""
+        try:
+            pack = msgspec.json.decode(msg.data, type=BatchPack)
+            if not pack.items or any(not e.id for e in pack.items):
+                raise msgspec.ValidationError("every item needs a non-empty id")
+        except (
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            UnicodeDecodeError,
+            RecursionError,
+        ) as e:
             await self.nc.publish(msg.reply, _ACK)
-            self.items_done += 1
-        except asyncio.CancelledError:
-            pass  # not acked: JetStream hands it to a worker again
-        except Exception as e:
-            log.warning(
-                "batch item %s/%s: result not stored (%s); it will rerun", job_id, item_id, e
+            await self._dead_letter(
+                msg, f'packed batch message must be {{"items": [{{"id", "body"}}, ...]}}: {e}'
+            )
+            return
+        entries = list({e.id: e for e in pack.items}.values())  # an id twice: one result
+        endpoint = await self._item_check(msg, job_id)
+        progress = asyncio.create_task(self._in_progress(msg))
+        try:
+            answers = await asyncio.gather(
+                *(self._item_result(job_id, e.id, bytes(e.body), endpoint) for e in entries)
             )
         finally:
-            self._batch_inflight.pop((job_id, item_id), None)
-            await self._refill_batch()
+            progress.cancel()
+        await self._store(
+            job_id, [(e.id, b, st) for e, (b, st) in zip(entries, answers, strict=True)], msg
+        )
 
     def _pull_satisfied(self, n: float = 1.0) -> None:
         if self._pulls:
@@ -911,6 +1020,7 @@ class Worker(Service):
                     self._pulls.popleft()
                 while self._bpulls and self._bpulls[0][0] + 2.0 < now:
                     self._bpulls.popleft()
+                self._results.expire(now)
                 await self._refill()
 
     def _stalled(self) -> str:
@@ -1018,6 +1128,7 @@ class Worker(Service):
         """Pull requests die with the connection: forget them and ask again."""
         self._pulls.clear()
         self._bpulls.clear()
+        self._results.fail_all("NATS reconnected: result acks in flight are lost")
         # Pull first: on a cluster the queue survived (file storage, replicated) and the
         # repair below may wait out a leader election; a pull answered 503 repairs too.
         await self._refill()
