@@ -218,6 +218,11 @@ class OpenAIEngine:
                     data, rest = rest + data, b""
                 lines = data.split(b"\n")
                 rest = lines.pop()
+                # What arrived in one read goes on as one framed Output (whole SSE
+                # events): one turn of the worker per read, not per chunk.
+                out: list[bytes] = []
+                tokens = 0
+                usage = None
                 for line in lines:
                     if line[:5] != b"data:":
                         continue  # blank separators, comments, event names
@@ -231,15 +236,20 @@ class OpenAIEngine:
                     except msgspec.DecodeError as e:
                         raise EngineError(f"upstream sent a bad event: {e}", status=502) from e
                     if probe.error is not None:
+                        if out:
+                            yield Output(b"".join(out), tokens=tokens, usage=usage, framed=True)
                         raise EngineError("upstream error", status=502, raw_body=chunk)
                     if probe.usage is not None and not probe.choices:
                         # Usage was asked for on the client's behalf: pass it on only
                         # if the client asked too.
-                        yield Output(
-                            chunk=named(chunk) if job.include_usage else b"", usage=probe.usage
-                        )
-                        continue
-                    yield Output(chunk=named(chunk), tokens=probe.tokens())
+                        usage = probe.usage
+                        if not job.include_usage:
+                            continue
+                    else:
+                        tokens += probe.tokens()
+                    out += (b"data: ", named(chunk), b"\n\n")
+                if out or usage is not None:
+                    yield Output(b"".join(out), tokens=tokens, usage=usage, framed=True)
         finally:
             self._running -= 1
             if conn is not None:
