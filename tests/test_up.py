@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -151,9 +153,12 @@ async def _chat_ok(port: int, timeout: float = 60.0) -> None:
     raise AssertionError(f"no answer after a restart: {last!r}")
 
 
-async def test_up_restarts_every_child_that_dies(tmp_path: Path) -> None:
-    """SIGKILL of the gateway, the scheduler, the node agent and nats-server: each is
-    restarted (new pid, logged), requests are answered again, nebula up keeps running."""
+@contextlib.asynccontextmanager
+async def _demo_up(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int, list[str]]]:
+    """`nebula up --demo` with quick restarts, once it answers; its output lines are
+    collected in the list as they come. Killed at the end if still running."""
     port, nats_port = _free_port(), _free_port()
     proc = await _start_up(
         tmp_path, port, "--demo", "--nats-port", str(nats_port),
@@ -174,6 +179,18 @@ async def test_up_restarts_every_child_that_dies(tmp_path: Path) -> None:
                 assert proc.returncode is None, "".join(out)
                 await asyncio.sleep(0.1)
         await _chat_ok(port)
+        yield proc, port, out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        reader.cancel()
+
+
+async def test_up_restarts_every_child_that_dies(tmp_path: Path) -> None:
+    """SIGKILL of the gateway, the scheduler, the node agent and nats-server: each is
+    restarted (new pid, logged), requests are answered again, nebula up keeps running."""
+    async with _demo_up(tmp_path) as (proc, port, out):
         for role in ("gateway", "scheduler", "node", "nats"):
             before = _children_by_role(proc.pid)
             assert role in before, (role, before)
@@ -189,11 +206,6 @@ async def test_up_restarts_every_child_that_dies(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(60):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        reader.cancel()
 
 
 async def test_up_stops_with_a_clear_message_when_a_child_crash_loops(tmp_path: Path) -> None:
@@ -252,26 +264,7 @@ async def test_nebula_nats_exits_when_its_server_dies(tmp_path: Path) -> None:
 async def test_up_gateway_sigterm_drains_its_stream_then_comes_back(tmp_path: Path) -> None:
     """SIGTERM to the gateway child of `nebula up` (a rolling restart): the stream it
     is serving ends whole, the gateway exits 0 and nebula up starts it again."""
-    port, nats_port = _free_port(), _free_port()
-    proc = await _start_up(
-        tmp_path, port, "--demo", "--nats-port", str(nats_port),
-        env={"NEBULA_UP_BACKOFF_INITIAL": "0.2"},
-    )  # fmt: skip
-    assert proc.stdout is not None
-    out: list[str] = []
-
-    async def read_all() -> None:
-        assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            out.append(line.decode())
-
-    reader = asyncio.create_task(read_all())
-    try:
-        async with asyncio.timeout(90):
-            while not any("Ctrl-C" in line for line in out):
-                assert proc.returncode is None, "".join(out)
-                await asyncio.sleep(0.1)
-        await _chat_ok(port)
+    async with _demo_up(tmp_path) as (proc, port, out):
         gateway = _children_by_role(proc.pid)["gateway"]
         body = {"model": "sim-chat", "messages": [{"role": "user", "content": "hi"}],
                 "stream": True, "max_tokens": 32}  # fmt: skip
@@ -296,8 +289,3 @@ async def test_up_gateway_sigterm_drains_its_stream_then_comes_back(tmp_path: Pa
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(60):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        reader.cancel()
