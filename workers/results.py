@@ -7,7 +7,10 @@ acks come back there and resolve the futures, so a job message of many items sen
 all its results at once and is acked when the last one is stored. An ack that never
 comes (NATS restarted, a leader election) fails its future after ``timeout``: the
 item is then not acked, JetStream hands it out again, and the rerun's result
-replaces nothing (one message per result subject).
+replaces nothing (one message per result subject). nats-py's own ``js.publish_async``
+does the first part, but its futures have no deadline and are not failed on a
+reconnect: an ack lost in a NATS restart would hold its item (and a pending slot)
+for good.
 """
 
 from __future__ import annotations
