@@ -6,10 +6,11 @@ its ``limit_concurrency`` answers plain text. This protocol adds:
 
 * a head timeout: a request head must be complete within ``header_timeout`` of the
   connection opening (or of the previous response), else 408 and close;
-* a connection cap: at ``max_connections`` the oldest connection still waiting for
-  a head is closed to make room, so probes and real clients still get in during a
-  flood; only when every connection is busy with a request is the new one refused
-  with an OpenAI-shaped 503;
+* a connection cap: at ``max_connections`` the oldest connection with no request
+  in progress (idle keep-alive, or still waiting for a head) is closed to make
+  room, so probes and real clients still get in during a flood; only when every
+  connection is busy with a request is the new one refused with an OpenAI-shaped
+  503;
 * ``scope["extensions"]["nebula.abort"]``: lets a response drop a connection whose
   client stopped reading (closing would wait for a flush that never comes).
 """
@@ -98,13 +99,18 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
+        idle = not self.pipeline
         super().on_response_complete()
-        # Idle keep-alive from here on (uvicorn's own timer); a new head must then
-        # arrive in time too: on_message_begin re-arms.
+        # Idle keep-alive from here on, bounded by uvicorn's own timer, but first in
+        # line to make room at the cap; a new head must arrive in time too:
+        # on_message_begin arms the head timer.
+        if idle and not self.transport.is_closing():
+            self.guard.waiting[self] = None
 
     def _arm(self) -> None:
         self._head_timer = self.loop.call_later(self.guard.header_timeout, self._head_timeout)
         self.guard.waiting[self] = None
+        self.guard.waiting.move_to_end(self)
 
     def _disarm(self) -> None:
         if self._head_timer is not None:

@@ -166,9 +166,12 @@ class GatewaySettings:
     )
     header_timeout: float = setting(10.0, "Seconds for a request head to arrive (then 408).")
     body_timeout: float = setting(30.0, "Seconds a request body may stall (then 408).")
-    idle_timeout: int = setting(5, "Seconds an idle keep-alive connection stays open.")
+    # Longer than clients keep idle connections (httpx, so the openai client: 5 s;
+    # load balancers: 60 s), so a client never reuses one just as we close it: with
+    # both at 5 s that race fails a request now and then ("Connection error").
+    idle_timeout: int = setting(75, "Seconds an idle keep-alive connection stays open.")
     max_connections: int = setting(
-        4096, "Open connections at most; beyond, head-less ones are evicted, then 503."
+        4096, "Open connections at most; beyond, idle ones are evicted, then 503."
     )
     request_metrics: bool = setting(
         True, "Record per-request metrics (turn off only to measure what they cost)."

@@ -97,6 +97,35 @@ async def test_connections_beyond_the_cap_get_an_openai_503(fabric: Fabric, uniq
             s.close()
 
 
+async def test_idle_keepalive_connections_make_room_at_the_cap(fabric: Fabric) -> None:
+    """Connections idle between requests count against the cap but are closed to let
+    a new client in; the one evicted reconnects on its next request."""
+    gw = await fabric.gateway(max_connections=4)
+    assert gw.guard is not None
+    clients = [httpx.AsyncClient(base_url=gw.base_url, timeout=5) for _ in range(4)]
+    try:
+        for c in clients:  # four keep-alive connections, each idle after one answer
+            assert (await c.get("/health")).status_code == 200
+        assert gw.guard.open == 4
+        async with httpx.AsyncClient(base_url=gw.base_url, timeout=5) as fresh:
+            assert (await fresh.get("/health")).status_code == 200
+        assert gw.guard.evicted == 1 and gw.guard.refused == 0
+    finally:
+        for c in clients:
+            await c.aclose()
+
+
+def test_idle_timeout_outlasts_the_clients_keepalive() -> None:
+    """A server closing an idle connection as the client reuses it fails that request
+    ("Connection error."); clients must give up idle connections first."""
+    from openai._constants import DEFAULT_CONNECTION_LIMITS
+
+    from nebula.settings import GatewaySettings
+
+    expiry = DEFAULT_CONNECTION_LIMITS.keepalive_expiry
+    assert expiry is not None and GatewaySettings().idle_timeout > expiry + 1
+
+
 async def test_stalled_body_gets_408(fabric: Fabric) -> None:
     gw = await fabric.gateway(body_timeout=0.5)
     loop = asyncio.get_running_loop()
