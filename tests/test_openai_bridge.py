@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import openai
 import pytest
 import uvicorn
@@ -28,7 +29,7 @@ from nebula.settings import OpenAIUpstreamSettings, WorkerSettings
 from tests.conftest import Fabric, until
 from workers.engines import upstream
 from workers.engines.base import Job, Output
-from workers.engines.openai_bridge import OpenAIEngine
+from workers.engines.openai_bridge import ChunkProbe, OpenAIEngine
 from workers.runner import WorkerProcess
 
 MSG = [{"role": "user", "content": "bridge me"}]
@@ -528,6 +529,22 @@ async def test_bridge_reads_answers_that_end_with_the_connection() -> None:
         await engine.stop()
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("delta", "tokens"),
+    [
+        ('{"tool_calls": [{"index": 0, "function": {"arguments": "{\\"c"}}]}', 1),
+        ('{"tool_calls": []}', 0),
+        ('{"tool_calls": null, "content": "x"}', 1),
+        ('{"role": "assistant"}', 0),
+    ],
+)
+def test_chunk_probe_reads_tool_call_deltas(delta: str, tokens: int) -> None:
+    """A streamed tool call (vLLM's hermes parser sends its arguments as deltas) is
+    output like text: it once failed the probe, and so the stream."""
+    chunk = f'{{"choices": [{{"index": 0, "delta": {delta}}}]}}'.encode()
+    assert msgspec.json.decode(chunk, type=ChunkProbe).tokens() == tokens
 
 
 def test_bridge_refuses_bad_upstream_settings() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -60,6 +61,10 @@ VLLM_ARGS = [
     "--dtype=float32",
     "--seed=0",
     "--max-lora-rank=8",
+    # vLLM's hermes tool-call parser, in-process as in its server (tiny_model.py puts
+    # its <tool_call> tokens in the vocabulary).
+    "--enable-auto-tool-choice",
+    "--tool-call-parser=hermes",
 ]
 LORA_A, LORA_B = "tiny-lora-a", "tiny-lora-b"  # A from the load, B added at run time
 STALL = 15.0  # the workers' stall watchdog (NEBULA_STALL_TIMEOUT), short for the test
@@ -478,12 +483,18 @@ TOOLS = [
             "description": "The weather in a city",
             "parameters": {
                 "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                "required": ["city", "days"],
+                "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+                "required": ["city"],
+                "additionalProperties": False,
             },
         },
     }
 ]
+# A random-weight model never calls a tool by itself: guided decoding makes it write
+# the hermes form, which vLLM's own parser must then turn into tool_calls.
+HERMES_CALL = (
+    r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "(Paris|Rome)"\}\}</tool_call>'
+)
 SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 8}, "n": {"type": "integer"}},
@@ -492,9 +503,34 @@ SCHEMA = {
 }
 
 
+def _no_call_ids(data: Any) -> Any:
+    """Tool-call ids are random per answer, like the answer's own id."""
+    if isinstance(data, dict):
+        return {k: "-" if k == "id" else _no_call_ids(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_no_call_ids(v) for v in data]
+    return data
+
+
+def _streamed_calls(chunks: list[dict[str, Any]]) -> tuple[list[list[Any]], list[str]]:
+    """[name, joined arguments] per tool-call index, and the finish reasons seen."""
+    calls: dict[int, list[Any]] = {}
+    finish = []
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            for call in (choice.get("delta") or {}).get("tool_calls") or []:
+                entry = calls.setdefault(call["index"], [None, ""])
+                fn = call.get("function") or {}
+                entry[0] = entry[0] or fn.get("name")
+                entry[1] += fn.get("arguments") or ""
+            if choice.get("finish_reason"):
+                finish.append(choice["finish_reason"])
+    return [calls[i] for i in sorted(calls)], finish
+
+
 async def test_tools_and_response_format_pass_through(deployment: Deployment) -> None:
-    """Structured outputs (vLLM's guided decoding) give vLLM's own answer, whole; a named
-    tool choice, which this deployment has no tool-call parser for, gives vLLM's own 400."""
+    """Structured outputs (vLLM's guided decoding) and tool calls parsed by vLLM's hermes
+    parser inside the worker give vLLM's own answer, whole and streamed."""
     formats: list[dict[str, Any]] = [
         {"type": "json_schema", "json_schema": {"name": "thing", "schema": SCHEMA, "strict": True}},
         {"type": "json_object"},
@@ -514,19 +550,53 @@ async def test_tools_and_response_format_pass_through(deployment: Deployment) ->
         direct, nebula = await _both(deployment, ask)
         assert _plain(nebula) == _plain(direct), fmt
         assert nebula.usage == direct.usage
-    errors = []
-    for side in (deployment.direct, deployment.nebula):
-        with pytest.raises(openai.BadRequestError) as info:
-            await side.client.chat.completions.create(
+    guided = {"structured_outputs": {"regex": HERMES_CALL}}
+    choices: list[tuple[Any, dict[str, Any]]] = [
+        ("auto", guided),  # the model writes <tool_call>...: the parser's work
+        ({"type": "function", "function": {"name": "get_weather"}}, {}),  # named
+        ("required", {}),  # vLLM's own odd answer (hermes text to the length): equal
+    ]
+    for choice, extra in choices:
+
+        def call(c: openai.AsyncOpenAI, choice: Any = choice, extra: Any = extra) -> Any:
+            return c.chat.completions.create(
                 model=MODEL,
-                messages=MSG,
-                max_tokens=8,
+                messages=[{"role": "user", "content": "the weather in Paris?"}],
+                max_tokens=160,  # room for the whole call in the tiny vocabulary
+                temperature=0,
+                seed=0,
                 tools=TOOLS,  # type: ignore[arg-type]
-                tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                tool_choice=choice,
+                extra_body=extra,
             )
-        errors.append(info.value)
-    assert errors[1].status_code == errors[0].status_code == 400
-    assert errors[1].body == errors[0].body and "tool" in errors[1].message
+
+        direct, nebula = await _both(deployment, call)
+        assert _no_call_ids(_plain(nebula)) == _no_call_ids(_plain(direct)), choice
+        if choice != "required":
+            (tool_call,) = nebula.choices[0].message.tool_calls
+            assert tool_call.function.name == "get_weather", choice
+    # The hermes form parsed: no text left, the arguments as JSON, finish "tool_calls".
+    # (nebula here is the last answer, "required"; ask "auto" again to look at it.)
+    answer = await call(deployment.nebula.client, "auto", guided)
+    message = answer.choices[0].message
+    assert answer.choices[0].finish_reason == "tool_calls" and not message.content
+    assert json.loads(message.tool_calls[0].function.arguments)["city"] in ("Paris", "Rome")
+
+    def stream(c: openai.AsyncOpenAI) -> Any:
+        return _stream(
+            c,
+            messages=[{"role": "user", "content": "the weather in Paris?"}],
+            max_tokens=160,
+            tools=TOOLS,
+            tool_choice="auto",
+            extra_body=guided,
+        )
+
+    direct_chunks, nebula_chunks = await _both(deployment, stream)
+    calls, finish = _streamed_calls(nebula_chunks)
+    assert (calls, finish) == _streamed_calls(direct_chunks)
+    assert finish == ["tool_calls"] and calls[0][0] == "get_weather"
+    assert json.loads(calls[0][1]) == json.loads(message.tool_calls[0].function.arguments)
 
 
 async def test_slots_and_load_follow_the_engine(deployment: Deployment) -> None:

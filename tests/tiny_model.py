@@ -44,6 +44,8 @@ def build_model(out: Path, *, max_positions: int = 2048) -> Path:
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 24))) for _ in range(4000)]
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+    # What vLLM's hermes tool-call parser looks for in the vocabulary (else it refuses).
+    specials += ["<tool_call>", "</tool_call>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

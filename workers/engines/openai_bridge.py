@@ -34,7 +34,7 @@ _PATHS = {
 
 class _Delta(msgspec.Struct):
     content: str | None = None
-    tool_calls: msgspec.Raw | None = None
+    tool_calls: list[msgspec.Raw] | None = None  # (msgspec.Raw | None decodes null only)
     reasoning_content: str | None = None
 
 
