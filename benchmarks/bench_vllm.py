@@ -109,10 +109,11 @@ async def ttfts(url: str, payload: dict[str, Any], conc: int, n: int) -> list[fl
     return out
 
 
-def cpu_by_group() -> dict[int, float]:
-    """CPU seconds (user + system) of every live process, summed by process group."""
+def cpu_by_group() -> dict[tuple[int, bool], float]:
+    """CPU seconds (user + system) of every live process, summed by process group and
+    by whether it leads its group (vLLM's engine core is a child in its parent's group)."""
     tick = os.sysconf("SC_CLK_TCK")
-    out: dict[int, float] = {}
+    out: dict[tuple[int, bool], float] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -122,9 +123,8 @@ def cpu_by_group() -> dict[int, float]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(fields[2])] = (
-            out.get(int(fields[2]), 0.0) + (int(fields[11]) + int(fields[12])) / tick
-        )
+        key = (int(fields[2]), int(fields[2]) == int(pid))
+        out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
 
@@ -259,11 +259,12 @@ async def run(args: argparse.Namespace) -> None:
         await wait_models(urls["bridge"], NAMES["bridge"], bridge, tmp / "bridge.log", 600)
         print(f"# all three up after {time.monotonic() - t0:.0f}s", flush=True)
         assert nats.proc is not None
-        fabric = [gateway.pid, nats.proc.pid]
+        fabric = {"gateway": gateway.pid, "nats": nats.proc.pid}
+        # The processes (process groups) serving each side, by role.
         groups = {
-            "direct": [direct.pid],
-            "inproc": [inproc.pid, *fabric],
-            "bridge": [bridge.pid, direct.pid, *fabric],
+            "direct": {"vllm": direct.pid},
+            "inproc": {"worker": inproc.pid, **fabric},
+            "bridge": {"worker": bridge.pid, "vllm": direct.pid, **fabric},
         }
         for side in SIDES:  # warm-up: first batches, connections
             await ttfts(urls[side], body(NAMES[side], args.max_tokens), 4, 8)
@@ -273,7 +274,8 @@ async def run(args: argparse.Namespace) -> None:
             ttft: dict[str, list[float]] = {s: [] for s in SIDES}
             tps: dict[str, list[float]] = {s: [] for s in SIDES}
             errors = {s: 0.0 for s in SIDES}
-            cpu = {s: [0.0, 0.0] for s in SIDES}  # CPU seconds of the serving processes, requests
+            # CPU seconds of each serving process, and requests served.
+            cpu: dict[str, dict[str, float]] = {s: {"requests": 0.0} for s in SIDES}
             for r in range(args.rounds):
                 order = SIDES if r % 2 == 0 else tuple(reversed(SIDES))
                 for side in order:
@@ -284,9 +286,13 @@ async def run(args: argparse.Namespace) -> None:
                     after = cpu_by_group()
                     # Every process that serves the side (vLLM's engine core shares its
                     # parent's process group): the CPU a request costs, all included.
-                    used = sum(after.get(g, 0.0) - before.get(g, 0.0) for g in groups[side])
-                    cpu[side][0] += used
-                    cpu[side][1] += w["requests"]
+                    for role, g in groups[side].items():
+                        for leader in (True, False):  # the process, its children
+                            used = after.get((g, leader), 0.0) - before.get((g, leader), 0.0)
+                            name = role if leader else f"{role} children"
+                            if used or name in cpu[side]:
+                                cpu[side][name] = cpu[side].get(name, 0.0) + used
+                    cpu[side]["requests"] += w["requests"]
                     tps[side].append(w["rps"] * args.max_tokens)
                     errors[side] += w["errors"]
             rows.append((conc, ttft, tps, errors, cpu))
@@ -308,13 +314,14 @@ def report(args: argparse.Namespace, rows: list[Any]) -> None:
         f"x {args.rounds} rounds per side; tokens/s from wrk, {args.seconds}s x {args.rounds} "
         "rounds per side, alternating. CPU ms/request: every process serving the side "
         "(direct: vLLM's server and engine core; inproc: the worker with vLLM in it, "
-        "gateway, nats-server; bridge: its worker, the direct server, gateway, nats-server).\n"
+        "gateway, nats-server; bridge: its worker, the direct server, gateway, nats-server), "
+        "then split by process (children: vLLM's engine core).\n"
     )
     print(
         "| conc | side | TTFT p50 ms | TTFT p99 ms | TTFT p50 - direct | out tok/s "
-        "(per round) | tok/s vs direct | CPU ms/request | errors |"
+        "(per round) | tok/s vs direct | CPU ms/request | CPU split | errors |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
     for conc, ttft, tps, errors, cpu in rows:
         d50 = pct(ttft["direct"], 50)
         dtps = sum(tps["direct"]) / len(tps["direct"])
@@ -322,10 +329,13 @@ def report(args: argparse.Namespace, rows: list[Any]) -> None:
             p50, p99 = pct(ttft[side], 50), pct(ttft[side], 99)
             mean = sum(tps[side]) / len(tps[side])
             per_round = "/".join(f"{x:.0f}" for x in tps[side])
+            n = max(cpu[side]["requests"], 1.0)
+            roles = {k: 1000 * v / n for k, v in cpu[side].items() if k != "requests"}
+            split = " / ".join(f"{k} {v:.1f}" for k, v in roles.items())
             print(
                 f"| {conc} | {side} | {p50:.1f} | {p99:.1f} | "
                 f"{'' if side == 'direct' else f'{p50 - d50:+.1f}'} | {mean:.0f} ({per_round}) | "
-                f"{mean / dtps:.2f}x | {1000 * cpu[side][0] / max(cpu[side][1], 1):.1f} | "
+                f"{mean / dtps:.2f}x | {sum(roles.values()):.1f} | {split} | "
                 f"{errors[side]:.0f} |"
             )
 
