@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 
 from nebula import subjects
 from nebula.errors import ModelNotFound
-from nebula.natsio import WORKER_LIVE_WINDOW, watch_lost
+from nebula.natsio import WORKER_LIVE_WINDOW, entries, watch_lost
 from nebula.protocol import ModelSpec, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class ModelRegistry:
                 async def consume(watcher: KeyValue.KeyWatcher = watcher) -> None:
                     nonlocal delay
                     replay = True  # the current values first, then live updates
-                    async for entry in watcher:
+                    async for entry in entries(kv, watcher):
                         if entry is None:  # end of the current values
                             synced.set()
                             replay = False

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -449,20 +449,42 @@ async def nodes_bucket(js: JetStreamContext, settings: NatsSettings) -> KeyValue
     return await ensure_bucket(js, settings, subjects.NODES_BUCKET, ttl=NODE_TTL)
 
 
+async def entries(
+    kv: KeyValue, watcher: KeyValue.KeyWatcher
+) -> AsyncIterator[KeyValue.Entry | None]:
+    """A KV watch's entries, with ONE ``None`` once the bucket's current values are all
+    delivered, then live updates.
+
+    nats-py's own marker can come first: it asks the server how much is pending just
+    after subscribing, and a snapshot already on its way (delivered by the server, not
+    yet read by the client) counts as nothing pending. Trusted as is, a full bucket
+    would read as empty. Here the marker comes after the entry with nothing pending
+    behind it, or, for nats-py's early marker, only if the bucket really is empty."""
+    synced = False
+    async for entry in watcher:
+        if entry is None:
+            if not synced and (await kv.status()).values == 0:
+                synced = True
+                yield None
+            continue
+        yield entry
+        if not synced and entry.delta == 0:
+            synced = True
+            yield None
+
+
 async def read_all(kv: KeyValue) -> dict[str, KeyValue.Entry]:
     """Every live key of a bucket in one pass (a watch of last values, then stop)."""
     out: dict[str, KeyValue.Entry] = {}
     watcher = await kv.watchall()
     try:
-        async for entry in watcher:
+        async for entry in entries(kv, watcher):
             if entry is None:
                 break
             if entry.operation in ("DEL", "PURGE") or not entry.value:
                 out.pop(entry.key, None)
             else:
                 out[entry.key] = entry
-            if entry.delta == 0:
-                break
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()

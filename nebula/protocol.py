@@ -26,7 +26,21 @@ class Endpoint(enum.StrEnum):
     EMBEDDING = "embedding"
 
 
-class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
+class WorkerCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters since the worker started (its node agent exports them as metrics, and
+    keeps a gone worker's last values in its model's totals)."""
+
+    jobs_started: int = 0
+    jobs_completed: int = 0
+    jobs_failed: int = 0
+    jobs_cancelled: int = 0
+    jobs_redelivered: int = 0
+    jobs_dead_lettered: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class WorkerInfo(WorkerCounters, frozen=True, kw_only=True):
     """A worker's heartbeat in the workers bucket: proof that a model has a live replica."""
 
     worker_id: str
@@ -50,15 +64,6 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):
     adapters: list[str] = msgspec.field(default_factory=list)
     # While starting (ready False): what the worker is doing, e.g. "loading weights".
     phase: str = ""
-    # Counters since the worker started (its node agent exports them as metrics).
-    jobs_started: int = 0
-    jobs_completed: int = 0
-    jobs_failed: int = 0
-    jobs_cancelled: int = 0
-    jobs_redelivered: int = 0
-    jobs_dead_lettered: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -484,7 +484,7 @@ class Scheduler(Service):
             for name, kv, handler in watched:
                 w = await kv.watchall()
                 watchers.append(w)
-                tasks.append(asyncio.create_task(self._consume(name, w, handler)))
+                tasks.append(asyncio.create_task(self._consume(name, kv, w, handler)))
                 tasks.append(asyncio.create_task(self._guard(name, w)))
             tasks.append(asyncio.create_task(self._reconcile_loop()))
             tasks.append(asyncio.create_task(self._tick_loop(reconnects)))
@@ -508,9 +508,13 @@ class Scheduler(Service):
         raise _Resync(f"{name} watcher lost its consumer")
 
     async def _consume(
-        self, name: str, watcher: KeyValue.KeyWatcher, handler: Callable[[KeyValue.Entry], None]
+        self,
+        name: str,
+        kv: KeyValue,
+        watcher: KeyValue.KeyWatcher,
+        handler: Callable[[KeyValue.Entry], None],
     ) -> None:
-        async for entry in watcher:
+        async for entry in natsio.entries(kv, watcher):
             if entry is None:  # the initial snapshot is complete
                 self._synced.add(name)
                 self._mark_dirty()

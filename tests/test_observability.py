@@ -267,7 +267,7 @@ async def test_node_scheduler_metrics_request_id_in_worker_log(
     assert [n["node_id"] for n in status["nodes"]] == ["n1"]
     (node,) = status["nodes"]
     assert node["info"]["gpus"][0]["memory_total"] == 80 * 2**30
-    assert any(p.startswith(f"{model}#0 Ready") for p in node["placements"])
+    assert any(p.startswith(f"{model}#0 Ready") for p in node["placements"]), node
     (m,) = [m for m in status["models"] if m["name"] == model]
     assert (m["ready"], m["replicas"], m["state"], m["queued"]) == (1, 1, "Ready", 0)
     (gateway,) = status["gateways"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from nebula.protocol import NodeInfo, WorkerInfo
+from nebula.protocol import NodeInfo, WorkerCounters, WorkerInfo
 
 # WorkerInfo counter field -> (metric, help, extra label value)
 _JOB_OUTCOMES = (
@@ -28,22 +28,10 @@ _JOB_OUTCOMES = (
 )
 
 
-@dataclass
-class WorkerTotals:
-    """Counters of workers of one model that are gone (their last heartbeat's values)."""
-
-    jobs_started: int = 0
-    jobs_completed: int = 0
-    jobs_failed: int = 0
-    jobs_cancelled: int = 0
-    jobs_redelivered: int = 0
-    jobs_dead_lettered: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def add(self, info: WorkerInfo) -> None:
-        for name in vars(self):
-            setattr(self, name, getattr(self, name) + getattr(info, name))
+def _add(totals: dict[str, int], info: WorkerCounters) -> dict[str, int]:
+    for name in WorkerCounters.__struct_fields__:
+        totals[name] = totals.get(name, 0) + getattr(info, name)
+    return totals
 
 
 @dataclass
@@ -53,11 +41,12 @@ class NodeView:
     node_id: str
     node_info: Callable[[], NodeInfo | None]
     workers: Callable[[], Iterable[WorkerInfo]]
-    retired: dict[str, WorkerTotals] = field(default_factory=dict)
+    # Per model: the counters of its workers that are gone (their last heartbeat's).
+    retired: dict[str, dict[str, int]] = field(default_factory=dict)
     crashes: Callable[[], int] = lambda: 0
 
     def retire(self, info: WorkerInfo) -> None:
-        self.retired.setdefault(info.model, WorkerTotals()).add(info)
+        _add(self.retired.setdefault(info.model, {}), info)
 
 
 class NodeCollector(Collector):
@@ -129,13 +118,13 @@ class NodeCollector(Collector):
             ["model"],
         )
         for model in sorted(set(per_model) | set(v.retired)):
-            t = WorkerTotals(**vars(v.retired.get(model, WorkerTotals())))
+            t = dict(v.retired.get(model, {}))
             for info in per_model.get(model, []):
-                t.add(info)
+                _add(t, info)
             for attr, outcome in _JOB_OUTCOMES:
-                jobs.add_metric([node, model, outcome], getattr(t, attr))
-            redelivered.add_metric([node, model], t.jobs_redelivered)
-            dead.add_metric([node, model], t.jobs_dead_lettered)
+                jobs.add_metric([node, model, outcome], t.get(attr, 0))
+            redelivered.add_metric([node, model], t.get("jobs_redelivered", 0))
+            dead.add_metric([node, model], t.get("jobs_dead_lettered", 0))
         crashes = counter("nebula_worker_crashes", "Worker processes that exited on their own.", [])
         crashes.add_metric([node], v.crashes())
         yield from (jobs, redelivered, dead, crashes)

@@ -920,13 +920,14 @@ class NodeAgent(Service):
         assert self._placements_kv is not None
         self._resync.clear()
         reconnects = self.nc.stats["reconnects"]
-        watcher = await self._placements_kv.watchall()
+        kv = self._placements_kv
+        watcher = await kv.watchall()
         self.stats.resyncs += 1
 
         async def consume() -> None:
             seen: set[str] = set()
             synced = False
-            async for entry in watcher:
+            async for entry in natsio.entries(kv, watcher):
                 if entry is None:
                     if not synced:
                         synced = True
