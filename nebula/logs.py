@@ -152,12 +152,9 @@ def configure(
         handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter(component) if fmt == "json" else TextFormatter(component))
     handler.addFilter(_RequestIdFilter())
-    # Nothing we write needs the caller's file and line, thread or process names: skip
-    # gathering them for every record (the logging HOWTO's "Optimization" switches).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
+    # The logging HOWTO's "Optimization" switches (no caller, thread or process info)
+    # stay off: an engine's own handler may need them (vLLM's format has %(process)d,
+    # and every line of vLLM's failed to format without it).
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -306,18 +306,19 @@ def test_json_log_format_carries_request_id(capsys: pytest.CaptureFixture[str]) 
 
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
-    flags = (logging._srcfile, logging.logThreads, logging.logProcesses)
     logs.configure(component="gateway", level="info", fmt="json")
     try:
         token = logs.REQUEST_ID.set("rid-42")
         logging.getLogger("gateway.test").info("hello %s", "there", extra={"model": "m"})
         logs.REQUEST_ID.reset(token)
         logging.getLogger("gateway.test").debug("not shown")
+        # An engine's own handler (vLLM's format) still gets process and caller.
+        record = logging.getLogger("vllm.x").makeRecord("vllm.x", 20, "f.py", 7, "m", (), None)
+        vllm_like = logging.Formatter("(pid=%(process)d) [%(filename)s:%(lineno)d] %(message)s")
+        assert vllm_like.format(record) == f"(pid={os.getpid()}) [f.py:7] m"
     finally:  # give the root logger back as pytest set it up
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
-        logging._srcfile, logging.logThreads, logging.logProcesses = flags
-        logging.logMultiprocessing = True
     (line,) = capsys.readouterr().err.splitlines()
     obj = json.loads(line)
     assert obj["request_id"] == "rid-42" and obj["msg"] == "hello there"

@@ -699,6 +699,14 @@ async def test_starting_says_what_the_engine_is_doing(deployment: Deployment) ->
     assert any("loading weights" in p for p in deployment.phases), deployment.phases
 
 
+def test_vllms_own_log_lines_reach_the_worker_log(deployment: Deployment) -> None:
+    """vLLM's handler formats its lines with %(process)d: Nebula's logging set-up once
+    left that None, and every vLLM line of the worker process became a traceback."""
+    text = (deployment.logs / "logs" / f"{subjects.model_token(MODEL)}.0.log").read_text()
+    assert "--- Logging error ---" not in text
+    assert "Resolved architecture: LlamaForCausalLM" in text
+
+
 async def _models(side: Side) -> dict[str, Any]:
     return {m.id: m.model_dump() for m in (await side.client.models.list()).data}
 
