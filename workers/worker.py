@@ -185,6 +185,7 @@ class Worker(Service):
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._busy = asyncio.Event()  # set when an interactive job arrives (wakes the ticker)
         self.healthy = True
         self.health_reason = ""
         self.jobs_started = 0
@@ -467,6 +468,7 @@ class Worker(Service):
         self._inflight[job.key] = job
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         self._idle.clear()
+        self._busy.set()
         job.task = asyncio.create_task(self._run(job, msg, parsed))
 
     async def dead_letter(self, msg: Msg, reason: str) -> None:
@@ -740,10 +742,21 @@ class Worker(Service):
         period = max(self.settings.batch_ms / 3000, 0.002)
         keepalive = self.settings.keepalive_interval
         batch_s = self.settings.batch_ms / 1000
+        # With no interactive job there is nothing to flush or keep alive: sleep until one
+        # arrives or the next pull check (a ~200 Hz wakeup costs the engine CPU it needs),
+        # but tick often enough that _on_msg's stall check never mistakes this for a freeze.
+        idle_s = max(min(BATCH_PULL_EXPIRES, self.settings.ack_wait * 0.2), period)
         last_pull_check = time.monotonic()
         while True:
             self._last_tick = time.monotonic()
-            await asyncio.sleep(period)
+            if self._inflight:
+                await asyncio.sleep(period)
+            else:
+                self._busy.clear()
+                due = last_pull_check + BATCH_PULL_EXPIRES - self._last_tick
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(min(idle_s, due), period)):
+                        await self._busy.wait()
             now = time.monotonic()
             for job in list(self._inflight.values()):
                 try:
