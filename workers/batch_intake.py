@@ -209,6 +209,8 @@ class BatchIntake:
                 self._job_states.clear()
             cached = (now, asyncio.ensure_future(self._read_job_state(job_id)))
             self._job_states[job_id] = cached
+        if cached[1].done():  # the common case: no shield (a future and a callback) per item
+            return cached[1].result()
         return await asyncio.shield(cached[1])
 
     async def _read_job_state(self, job_id: str) -> str:
