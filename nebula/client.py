@@ -332,10 +332,19 @@ class BatchClient:
         sub = await self.js.subscribe(
             subjects.result_filter(job_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
         )
+        # nats-py's next_msg starts a task and a timer for every message: with results
+        # already buffered (the common case while collecting), take them off the same
+        # queue it reads, keeping its accounting, and wait through it only when empty.
+        buffered = sub._pending_queue
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=1.0)
+                    if buffered.empty():
+                        msg = await sub.next_msg(timeout=1.0)
+                    else:
+                        msg = buffered.get_nowait()
+                        sub._pending_size -= len(msg.data)
+                        buffered.task_done()
                 except TimeoutError:
                     if not follow:
                         return

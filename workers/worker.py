@@ -19,9 +19,7 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -32,7 +30,6 @@ from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from nebula import natsio, subjects
 from nebula.errors import (
-    Conflict,
     DeadlineExceeded,
     EngineDead,
     EngineError,
@@ -44,18 +41,15 @@ from nebula.errors import (
 from nebula.logs import REQUEST_ID
 from nebula.openai_types import SSE_DONE, StreamFlags, Usage, sse
 from nebula.protocol import (
-    BatchJob,
-    BatchPack,
     Endpoint,
     FrameKind,
-    JobState,
     ModelSpec,
     WorkerInfo,
 )
 from nebula.service import Service
 from nebula.settings import NatsSettings, WorkerSettings
+from workers.batch_intake import BATCH_PULL_EXPIRES, BatchIntake
 from workers.engines.base import AdapterHost, Engine, Job
-from workers.results import ResultPublisher
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +57,11 @@ log = logging.getLogger(__name__)
 # leader (a NATS server died) is only known lost when it expires, so this bounds how
 # long a worker sits idle after a failover (plus the slack in _ticker).
 PULL_EXPIRES = 2.0
-BATCH_PULL_EXPIRES = 1.0  # short: batch intake must stop soon after interactive load rises
 # A pull answered 503 (the consumer has no leader: an election runs) is asked again
 # after this long, so a worker takes jobs within a fraction of a second of the election.
 REPULL_AFTER_503 = 0.1
 _ACK = b"+ACK"
 _NAK = b"-NAK"
-_IN_PROGRESS = b"+WPI"
-_NAK_SOON = b'-NAK {"delay": 1000000000}'  # redeliver after a second
 # A worker stops an attempt once it has been silent this fraction of the gateway's
 # silence timeout: by then the gateway may have re-queued it, so it must not finish.
 _FENCE = 0.9
@@ -156,13 +147,6 @@ def _parse_headers(hdrs: dict[str, str]) -> _JobHeaders | InvalidRequest:
     return _JobHeaders(rid, reply, attempt, endpoint, deadline, window, silence)
 
 
-def _stream_seq(msg: Msg) -> int:
-    try:
-        return int(msg.metadata.sequence.stream)
-    except Exception:
-        return 0
-
-
 def _valid_reply(subject: str) -> bool:
     return bool(subject) and not any(c in subject for c in " \t\r\n*>") and ".." not in subject
 
@@ -201,6 +185,7 @@ class Worker(Service):
         self._closed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._busy = asyncio.Event()  # set when an interactive job arrives (wakes the ticker)
         self.healthy = True
         self.health_reason = ""
         self.jobs_started = 0
@@ -220,24 +205,8 @@ class Worker(Service):
         self._repull: asyncio.Task[None] | None = None
         self._last_tick = time.monotonic()
         self._started_at = time.time()
-        # Batch items: their own pull inbox, pulls, slots, and a short cache of job states.
-        self._batch_deliver = nc.new_inbox()
-        self._batch_sub: Subscription | None = None
-        self._bpulls: deque[list[float]] = deque()
-        self._batch_inflight: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._batch_pull_subject = subjects.pull_next_subject(
-            subjects.JOB_STREAM, subjects.job_consumer(self.model)
-        )
-        self._jobs_kv: KeyValue | None = None
-        # Batch items held at once: an engine that batches (hf) asks for more than its
-        # concurrency, so its passes can pick texts of similar length.
-        self._batch_slots = max(int(getattr(engine, "batch_slots", 0)), settings.max_concurrency)
-        self._batch_held = 0  # items in the batch messages held now
-        self._items_per_msg = 1.0  # recent items per batch message (packed ones hold many)
-        self._results = ResultPublisher(nc, timeout=10.0)
-        self._batch_sem = asyncio.Semaphore(self._batch_slots)
-        self._job_states: dict[str, tuple[float, asyncio.Future[str]]] = {}
-        self.items_done = 0
+        # Batch items: their own pull inbox, pulls and slots (see workers/batch_intake.py).
+        self.batch = BatchIntake(self)
         # LoRA adapters the model's spec asks for (engines that host adapters only).
         self._adapter_host = engine if isinstance(engine, AdapterHost) else None
         self._wanted_adapters: dict[str, str] | None = None
@@ -271,11 +240,7 @@ class Worker(Service):
             )
             await self._read_spec()
         if self.settings.batch:
-            await natsio.ensure_batch_streams(js, self.nats_settings)
-            await self._ensure_job_consumer()
-            self._jobs_kv = await natsio.jobs_bucket(js, self.nats_settings)
-            await self._results.start()
-            self._batch_sub = await self.nc.subscribe(self._batch_deliver, cb=self._on_item)
+            await self.batch.start()
         self.state = WorkerState.RUNNING
         await self._heartbeat_once()
         self._tasks = [
@@ -311,22 +276,6 @@ class Worker(Service):
             ),
         )
 
-    async def _ensure_job_consumer(self) -> None:
-        await self.nc.jetstream().add_consumer(
-            subjects.JOB_STREAM,
-            ConsumerConfig(
-                durable_name=subjects.job_consumer(self.model),
-                filter_subject=subjects.job_subject(self.model),
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                # Acked only once its result is stored: a worker dying mid-item hands
-                # it back after this long, and the rerun's result replaces nothing.
-                ack_wait=self.settings.batch_ack_wait,
-                max_deliver=-1,
-                max_waiting=4096,
-            ),
-        )
-
     async def close(self) -> None:
         """Stop taking work, let in-flight jobs finish (bounded), cancel the rest."""
         if self.state in (WorkerState.DRAINING, WorkerState.STOPPED):
@@ -337,18 +286,10 @@ class Worker(Service):
         # no interest; draining the subscription (unsubscribe + round trip) hands back
         # (NAKs) every job it sent before that, so none waits out ack_wait in a dead inbox.
         await self._drop_pulls()
-        bsub, self._batch_sub = self._batch_sub, None
-        if bsub is not None:
-            with contextlib.suppress(Exception):
-                await bsub.drain()
+        await self.batch.stop_taking()
         with contextlib.suppress(Exception):
             await self._heartbeat_once()
-        if self._batch_inflight:
-            # Items are short and their results are keyed: finish them, bounded.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.settings.drain_timeout):
-                    await asyncio.gather(*self._batch_inflight.values(), return_exceptions=True)
-        await self._results.close()
+        await self.batch.drain()
         if self._inflight and not self.broken.is_set():  # a hung engine finishes nothing
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
@@ -396,6 +337,14 @@ class Worker(Service):
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def items_done(self) -> int:
+        return self.batch.items_done
+
+    def progressed(self) -> None:
+        """The engine produced output (for the stall watchdog)."""
+        self._last_progress = time.monotonic()
 
     @property
     def taking_work(self) -> bool:
@@ -454,213 +403,7 @@ class Worker(Service):
             self._pulls.append([time.monotonic() + PULL_EXPIRES, float(want)])
             req = b'{"batch":%d,"expires":%d}' % (want, int(PULL_EXPIRES * 1e9))
             await self.nc.publish(self._pull_subject, req, reply=self._deliver)
-        await self._refill_batch()
-
-    async def _refill_batch(self) -> None:
-        """Batch items only while interactive work leaves a slot free: then no interactive
-        job waits for this worker (its open pulls would have brought it). Short pulls, so
-        a rise in interactive load stops batch intake within a second."""
-        if self._batch_sub is None or len(self._inflight) >= self.settings.max_concurrency:
-            return
-        owed = int(sum(p[1] for p in self._bpulls))
-        # Counted in items and in texts the engine has waiting: items of many texts must
-        # not pile up past their ack_wait inside the engine. A pull asks for messages,
-        # so free item slots become messages by the recent items per message (packed).
-        per_msg = max(self._items_per_msg, 1.0)
-        slots = max(int(self._batch_slots / per_msg), 1)
-        held = max(self._batch_held, self.engine.load().waiting) / per_msg
-        want = int(slots - held) - owed
-        # One pull per few free slots, not one per finished item (each pull is a message
-        # to the server and back); with nothing owed, any free slot is worth a pull.
-        if want <= 0 or (owed and want < slots // 16):
-            return
-        self._bpulls.append([time.monotonic() + BATCH_PULL_EXPIRES, float(want)])
-        req = b'{"batch":%d,"expires":%d}' % (want, int(BATCH_PULL_EXPIRES * 1e9))
-        await self.nc.publish(self._batch_pull_subject, req, reply=self._batch_deliver)
-
-    async def _on_item(self, msg: Msg) -> None:
-        hdrs = msg.headers or {}
-        if not msg.reply.startswith(subjects.JS_ACK_PREFIX):
-            if hdrs.get("Status") in ("408", "409", "503") and self._bpulls:
-                self._bpulls.popleft()
-            return  # the ticker asks again
-        if self._bpulls:
-            self._bpulls[0][1] -= 1
-            if self._bpulls[0][1] <= 0:
-                self._bpulls.popleft()
-        if not self.taking_work:
-            await self.nc.publish(msg.reply, _NAK)
-            return
-        job_id, item_id = hdrs.get(subjects.H_JOB_ID, ""), hdrs.get(subjects.H_ITEM_ID, "")
-        count = hdrs.get(subjects.H_ITEMS)
-        if not job_id or (not item_id and count is None):
-            await self.nc.publish(msg.reply, _ACK)
-            await self._dead_letter(
-                msg, "batch item needs Nebula-Job-Id and Nebula-Item-Id (or Nebula-Items)"
-            )
-            return
-        if count is not None:  # packed: many items, one result each
-            n = int(count) if count.isdigit() and int(count) > 0 else 1
-            key = (job_id, f"#{_stream_seq(msg)}")
-        else:
-            n, key = 1, (job_id, item_id)
-        if key in self._batch_inflight:
-            return  # a redelivery of a message running here: its results are on the way
-        self._items_per_msg += (n - self._items_per_msg) * 0.2
-        self._batch_held += n
-        run = self._run_pack(msg, job_id, n) if count is not None else self._run_item(msg, job_id)
-        self._batch_inflight[key] = asyncio.create_task(self._held(run, key, n))
-
-    async def _held(self, run: Coroutine[Any, Any, None], key: tuple[str, str], n: int) -> None:
-        try:
-            await run
-        except asyncio.CancelledError:
-            pass  # not acked: JetStream hands it to a worker again
-        except Exception as e:
-            log.warning(
-                "batch message of job %s: results not stored (%s); it will rerun", key[0], e
-            )
-        finally:
-            self._batch_inflight.pop(key, None)
-            self._batch_held -= n
-            await self._refill_batch()
-
-    async def _job_state(self, job_id: str) -> str:
-        """The job's state from KV, cached for a second: one read per job, not per item,
-        even when a whole pull's worth of items asks at once (they share the read)."""
-        now = time.monotonic()
-        cached = self._job_states.get(job_id)
-        if cached is None or now - cached[0] >= 1.0:
-            if len(self._job_states) > 1024:
-                self._job_states.clear()
-            cached = (now, asyncio.ensure_future(self._read_job_state(job_id)))
-            self._job_states[job_id] = cached
-        return await asyncio.shield(cached[1])
-
-    async def _read_job_state(self, job_id: str) -> str:
-        if self._jobs_kv is not None:
-            with contextlib.suppress(Exception):
-                entry = await self._jobs_kv.get(subjects.job_key(job_id))
-                if entry.value:
-                    return msgspec.json.decode(entry.value, type=BatchJob).state.value
-        return ""
-
-    async def _item_check(self, msg: Msg, job_id: str) -> Endpoint | NebulaError:
-        """What a job message's items run as, or the error every one of them gets."""
-        try:
-            delivered = msg.metadata.num_delivered
-        except Exception:
-            delivered = 1
-        if delivered > self.settings.max_deliver:
-            return EngineError(f"the item was delivered {delivered} times without a result")
-        if await self._job_state(job_id) == JobState.CANCELLED.value:
-            return Conflict(f"job {job_id} was cancelled")
-        endpoint = _ENDPOINTS.get((msg.headers or {}).get(subjects.H_ENDPOINT) or "embedding")
-        if endpoint is None:
-            return InvalidRequest(f"bad {subjects.H_ENDPOINT} header", param=subjects.H_ENDPOINT)
-        return endpoint
-
-    async def _item_result(
-        self, job_id: str, item_id: str, body: bytes, endpoint: Endpoint | NebulaError
-    ) -> tuple[bytes, int]:
-        """One item's answer (an OpenAI body) and its status; failures are results too."""
-        if isinstance(endpoint, NebulaError):
-            return endpoint.to_json(), endpoint.status
-        async with self._batch_sem:  # a pack holds no more items in the engine than slots
-            return await self._answer(job_id, item_id, body, endpoint)
-
-    async def _answer(
-        self, job_id: str, item_id: str, body: bytes, endpoint: Endpoint
-    ) -> tuple[bytes, int]:
-        work = Job(
-            request_id=f"{job_id}/{item_id}",
-            model=self.model,
-            endpoint=endpoint,
-            body=body,
-            stream=False,
-            include_usage=False,
-            priority=1,
-        )
-        try:
-            out_body = b""
-            async for out in self.engine.generate(work):
-                self._last_progress = time.monotonic()
-                out_body = out.chunk
-            return out_body, 200
-        except NebulaError as e:
-            return e.to_json(), e.status
-        except Exception as e:
-            log.exception("batch item %s/%s failed", job_id, item_id)
-            return EngineError(f"engine failed: {e!r}").to_json(), 500
-
-    async def _store(self, job_id: str, answers: list[tuple[str, bytes, int]], msg: Msg) -> None:
-        """Results stored first, the message acked after: a crash in between reruns its
-        items, and a rerun's result lands on the same subject, where the stream keeps
-        one. All publishes go out at once; the ack waits for all of their acks."""
-        futs = []
-        for item_id, body, status in answers:
-            headers = {
-                subjects.H_JOB_ID: job_id,
-                subjects.H_ITEM_ID: item_id,
-                subjects.H_STATUS: str(status),
-                subjects.H_WORKER: self.worker_id,
-            }
-            futs.append(
-                await self._results.publish(subjects.result_subject(job_id, item_id), body, headers)
-            )
-        failed = [r for r in await asyncio.gather(*futs, return_exceptions=True) if r is not None]
-        if failed:
-            # Handed out again soon (not after ack_wait); their reruns replace nothing.
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, _NAK_SOON)
-            raise failed[0] if isinstance(failed[0], Exception) else RuntimeError(failed[0])
-        await self.nc.publish(msg.reply, _ACK)
-        self.items_done += len(answers)
-
-    async def _run_item(self, msg: Msg, job_id: str) -> None:
-        """A one-item message (the documented raw-NATS form)."""
-        item_id = (msg.headers or {})[subjects.H_ITEM_ID]
-        endpoint = await self._item_check(msg, job_id)
-        body, status = await self._item_result(job_id, item_id, msg.data, endpoint)
-        await self._store(job_id, [(item_id, body, status)], msg)
-
-    async def _in_progress(self, msg: Msg) -> None:
-        """A pack of long items (chat) may outlast ack_wait: tell JetStream it is being
-        worked on, so it is not handed to a second worker meanwhile."""
-        while True:
-            await asyncio.sleep(self.settings.batch_ack_wait / 3)
-            with contextlib.suppress(Exception):
-                await self.nc.publish(msg.reply, _IN_PROGRESS)
-
-    async def _run_pack(self, msg: Msg, job_id: str, n: int) -> None:
-        """A packed message: its items run at once (the engine batches them together)."""
-        try:
-            pack = msgspec.json.decode(msg.data, type=BatchPack)
-            if not pack.items or any(not e.id for e in pack.items):
-                raise msgspec.ValidationError("every item needs a non-empty id")
-        except (
-            msgspec.DecodeError,
-            msgspec.ValidationError,
-            UnicodeDecodeError,
-            RecursionError,
-        ) as e:
-            await self.nc.publish(msg.reply, _ACK)
-            await self._dead_letter(
-                msg, f'packed batch message must be {{"items": [{{"id", "body"}}, ...]}}: {e}'
-            )
-            return
-        entries = list({e.id: e for e in pack.items}.values())  # an id twice: one result
-        endpoint = await self._item_check(msg, job_id)
-        progress = asyncio.create_task(self._in_progress(msg))
-        try:
-            answers = await asyncio.gather(
-                *(self._item_result(job_id, e.id, bytes(e.body), endpoint) for e in entries)
-            )
-        finally:
-            progress.cancel()
-        await self._store(
-            job_id, [(e.id, b, st) for e, (b, st) in zip(entries, answers, strict=True)], msg
-        )
+        await self.batch.refill()
 
     def _pull_satisfied(self, n: float = 1.0) -> None:
         if self._pulls:
@@ -695,10 +438,10 @@ class Worker(Service):
         parsed = _parse_headers(hdrs)
         reply = parsed.reply if isinstance(parsed, _JobHeaders) else hdrs.get(subjects.H_REPLY, "")
         if not _valid_reply(reply):
-            await self._dead_letter(msg, f"job has no valid {subjects.H_REPLY} header")
+            await self.dead_letter(msg, f"job has no valid {subjects.H_REPLY} header")
             return
         if delivered > self.settings.max_deliver:
-            await self._dead_letter(msg, f"delivered {delivered} times without being taken")
+            await self.dead_letter(msg, f"delivered {delivered} times without being taken")
             if isinstance(parsed, _JobHeaders):
                 rid, attempt = parsed.request_id, parsed.attempt
             else:
@@ -725,9 +468,10 @@ class Worker(Service):
         self._inflight[job.key] = job
         self.peak_inflight = max(self.peak_inflight, len(self._inflight))
         self._idle.clear()
+        self._busy.set()
         job.task = asyncio.create_task(self._run(job, msg, parsed))
 
-    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+    async def dead_letter(self, msg: Msg, reason: str) -> None:
         """Park a job nobody can run on the dead-letter subject, with the reason."""
         self.jobs_dead_lettered += 1
         log.warning("dead-lettering a job for %r: %s", self.model, reason)
@@ -998,10 +742,21 @@ class Worker(Service):
         period = max(self.settings.batch_ms / 3000, 0.002)
         keepalive = self.settings.keepalive_interval
         batch_s = self.settings.batch_ms / 1000
+        # With no interactive job there is nothing to flush or keep alive: sleep until one
+        # arrives or the next pull check (a ~200 Hz wakeup costs the engine CPU it needs),
+        # but tick often enough that _on_msg's stall check never mistakes this for a freeze.
+        idle_s = max(min(BATCH_PULL_EXPIRES, self.settings.ack_wait * 0.2), period)
         last_pull_check = time.monotonic()
         while True:
             self._last_tick = time.monotonic()
-            await asyncio.sleep(period)
+            if self._inflight:
+                await asyncio.sleep(period)
+            else:
+                self._busy.clear()
+                due = last_pull_check + BATCH_PULL_EXPIRES - self._last_tick
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(min(idle_s, due), period)):
+                        await self._busy.wait()
             now = time.monotonic()
             for job in list(self._inflight.values()):
                 try:
@@ -1018,9 +773,7 @@ class Worker(Service):
                 # A pull whose 408 we never saw (NATS restarted) owes nothing any more.
                 while self._pulls and self._pulls[0][0] + 1.0 < now:
                     self._pulls.popleft()
-                while self._bpulls and self._bpulls[0][0] + 2.0 < now:
-                    self._bpulls.popleft()
-                self._results.expire(now)
+                self.batch.expire(now)
                 await self._refill()
 
     def _stalled(self) -> str:
@@ -1127,8 +880,7 @@ class Worker(Service):
     async def on_reconnect(self) -> None:
         """Pull requests die with the connection: forget them and ask again."""
         self._pulls.clear()
-        self._bpulls.clear()
-        self._results.fail_all("NATS reconnected: result acks in flight are lost")
+        self.batch.on_reconnect()
         # Pull first: on a cluster the queue survived (file storage, replicated) and the
         # repair below may wait out a leader election; a pull answered 503 repairs too.
         await self._refill()

@@ -24,7 +24,7 @@ import base64
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,7 @@ class HFEngine:
         self.owned_by = "nebula (sentence-transformers)"
         self._model: Any = None
         self._tokenizer: Any = None
+        self._forward: Callable[[list[str]], tuple[Any, list[int]]] | None = None
         self.dimension = 0
         self.max_tokens = 0
         self._queue: list[_Text] = []
@@ -135,6 +136,7 @@ class HFEngine:
         self._tokenizer = self._model.tokenizer
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_tokens = int(self._model.get_max_seq_length() or 512)
+        await asyncio.to_thread(self._pick_forward)
         self._batcher = asyncio.create_task(self._batch_loop(), name="hf-batcher")
 
     def _load(self) -> Any:
@@ -278,13 +280,52 @@ class HFEngine:
         return batch
 
     def _encode(self, texts: list[str]) -> tuple[Any, list[int]]:
-        """One forward pass, and every text's token count (one batched tokenizer call,
-        off the event loop: inputs over the model's length are refused by count)."""
+        """One forward pass, and every text's token count (inputs over the model's length
+        are refused by count), off the event loop."""
+        if self._forward is not None:
+            return self._forward(texts)
         ids = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         vectors = self._model.encode(
             texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False
         )
         return vectors, [len(x) for x in ids]
+
+    def _steps(self, texts: list[str]) -> tuple[Any, list[int]]:
+        """``encode``'s own steps for one batch (preprocess, forward), so each text is
+        tokenized once, not once more to count it (measured: ~0.05 ms of CPU per text,
+        ~1.5% of a pass); the count comes from the attention mask, and only a text cut
+        at the model's length is tokenized again, uncut."""
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        features = self._model.preprocess(texts)
+        counts = [int(n) for n in features["attention_mask"].sum(dim=1).tolist()]
+        cut = [i for i, n in enumerate(counts) if n >= self.max_tokens]
+        if cut:
+            ids = self._tokenizer(
+                [texts[i] for i in cut], add_special_tokens=True, truncation=False
+            )["input_ids"]
+            for i, x in zip(cut, ids, strict=True):
+                counts[i] = len(x)
+        features = batch_to_device(features, self._model.device)
+        with torch.inference_mode():
+            out = self._model(features)
+        return out["sentence_embedding"].float().cpu().numpy(), counts
+
+    def _pick_forward(self) -> None:
+        """Use :meth:`_steps` only where it gives what ``encode`` gives (bit for bit, on
+        probe texts): another sentence-transformers version or model layout (prompts,
+        routers) keeps the plain ``encode`` path."""
+        probe = ["a probe", "a somewhat longer probe text for the forward pass check"]
+        try:
+            vectors, counts = self._steps(probe)
+            want, want_counts = self._encode(probe)
+            same = bool((vectors == want).all()) and counts == want_counts
+        except Exception as e:
+            log.debug("hf: encode's steps unavailable (%r); using encode", e)
+            same = False
+        if same:
+            self._forward = self._steps
 
 
 def _similar(queue: list[_Text], cap: int, pool_cap: int) -> list[_Text]:
