@@ -336,9 +336,15 @@ async def refresh_queue_gauges(
 async def poll_queue_gauges(
     m: GatewayMetrics, admin: ClusterAdmin, models: ModelRegistry, interval: float
 ) -> None:
+    task = asyncio.current_task()
     while True:
         try:
             await refresh_queue_gauges(m, admin, models)
         except Exception as e:  # NATS away: keep the last values, try again
             log.debug("queue gauges not refreshed: %s", e)
+        # A cancel that arrived inside a NATS request can be lost there (asyncio's
+        # wait_for returning the answer anyway, or nats-py turning it into its
+        # TimeoutError): the loop then slept on, and shutdown waited for it forever.
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         await asyncio.sleep(interval)
