@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway.registry import ModelRegistry
+from nebula import natsio
 from nebula.admin import ClusterAdmin
 from nebula.metrics import ITL_BUCKETS, LATENCY_BUCKETS
 
@@ -336,15 +337,10 @@ async def refresh_queue_gauges(
 async def poll_queue_gauges(
     m: GatewayMetrics, admin: ClusterAdmin, models: ModelRegistry, interval: float
 ) -> None:
-    task = asyncio.current_task()
     while True:
         try:
             await refresh_queue_gauges(m, admin, models)
         except Exception as e:  # NATS away: keep the last values, try again
             log.debug("queue gauges not refreshed: %s", e)
-        # A cancel that arrived inside a NATS request can be lost there (asyncio's
-        # wait_for returning the answer anyway, or nats-py turning it into its
-        # TimeoutError): the loop then slept on, and shutdown waited for it forever.
-        if task is not None and task.cancelling():
-            raise asyncio.CancelledError
+        natsio.raise_if_cancelled()
         await asyncio.sleep(interval)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import msgspec
 from nats.js.kv import KeyValue
 
-from nebula import subjects
+from nebula import natsio, subjects
 from nebula.errors import ModelNotFound
 from nebula.natsio import WORKER_LIVE_WINDOW, entries, watch_lost
 from nebula.protocol import ModelSpec, WorkerInfo
@@ -162,6 +162,7 @@ class ModelRegistry:
                 raise
             except Exception as e:
                 log.warning("KV watch of %s failed (%s); retrying in %.1fs", kv._name, e, delay)
+            natsio.raise_if_cancelled()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _BACKOFF_MAX)
 

@@ -93,6 +93,18 @@ def transient(e: BaseException) -> bool:
     return False
 
 
+def raise_if_cancelled() -> None:
+    """Raise the cancel a NATS call may have swallowed. nats-py turns a CancelledError
+    inside a request into its own TimeoutError in places (and 3.11's wait_for can
+    return the answer anyway): the task is still marked as cancelling but nothing
+    raises any more, so a retry loop that catches Exception and sleeps would go on
+    forever and shutdown would wait for it. Every such loop calls this before it
+    sleeps."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def retrying(
     op: Callable[[], Awaitable[_T]],
     *,
@@ -112,6 +124,7 @@ async def retrying(
         try:
             return await op()
         except Exception as e:
+            raise_if_cancelled()
             if not transient(e) or (nc is not None and nc.is_closed):
                 raise
             # Jitter spreads the retries of many processes hit by one election.
@@ -508,6 +521,7 @@ async def watch_lost(watcher: KeyValue.KeyWatcher, every: float = 2.0, misses: i
         except NotFoundError:
             return
         except Exception:  # an election or a reconnect under way: look again
+            raise_if_cancelled()
             failed += 1
             if failed >= misses:
                 return

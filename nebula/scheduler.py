@@ -324,6 +324,7 @@ class Scheduler(Service):
         ttl = self._ttl
         poll = min(0.25, ttl / 10)
         while True:
+            natsio.raise_if_cancelled()
             self._lease_event.clear()
             acquired: float | None = None
             try:
@@ -403,6 +404,7 @@ class Scheduler(Service):
         deadline = acquired_at + ttl * _STEP_DOWN
         wait = ttl / 3
         while True:
+            natsio.raise_if_cancelled()
             await asyncio.sleep(max(0.0, min(wait, deadline - time.monotonic())))
             sent = time.monotonic()
             if sent >= deadline:
@@ -444,6 +446,7 @@ class Scheduler(Service):
     async def _leader_work(self) -> None:
         backoff = 0.1
         while True:
+            natsio.raise_if_cancelled()
             try:
                 await self._session()
             except _Resync as e:

@@ -289,6 +289,30 @@ async def test_retrying_backs_off_then_gives_up() -> None:
         await natsio.retrying(final, timeout=10, what="final")
 
 
+async def test_retry_loops_end_on_a_cancel_that_nats_swallowed() -> None:
+    """nats-py turns a cancel inside a request into its own TimeoutError in places: a
+    retry loop must still end when its task is cancelled, not retry on (shutdown
+    would wait for it)."""
+    import nats.errors
+
+    entered = asyncio.Event()
+
+    async def swallowing() -> None:
+        try:
+            entered.set()
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            raise nats.errors.TimeoutError from None
+
+    task = asyncio.ensure_future(natsio.retrying(swallowing, timeout=60, what="swallowing"))
+    await entered.wait()
+    task.cancel()
+    async with asyncio.timeout(2):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert task.cancelled()
+
+
 async def test_nebula_nats_cli_runs_cluster_members(tmp_path: Path) -> None:
     """`nebula nats --cluster NAME --routes ...` three times: one JetStream cluster."""
     import os

@@ -216,6 +216,7 @@ class _Replica:
                 return
             except Exception:
                 log.exception("node %s: supervisor of %s failed", self.agent.node_id, self.key)
+                natsio.raise_if_cancelled()
                 await asyncio.sleep(1.0)
 
     async def run(self) -> None:
@@ -818,6 +819,7 @@ class NodeAgent(Service):
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.heartbeat_interval
         while True:
+            natsio.raise_if_cancelled()
             await asyncio.sleep(interval)
             try:
                 await self._heartbeat_once()
@@ -903,6 +905,7 @@ class NodeAgent(Service):
     async def _watch_loop(self) -> None:
         backoff = 0.2
         while True:
+            natsio.raise_if_cancelled()
             try:
                 await self._watch_session()
                 backoff = 0.2

@@ -795,6 +795,7 @@ class Worker(Service):
         """A broken engine must not swallow the queue: while it fails, pull nothing.
         A hung one (see :meth:`_stalled`) ends the worker, for its supervisor to restart."""
         while True:
+            natsio.raise_if_cancelled()
             await asyncio.sleep(
                 min(self.settings.health_interval, self.settings.stall_timeout or 5)
             )
@@ -871,6 +872,7 @@ class Worker(Service):
 
     async def _heartbeat_loop(self) -> None:
         while True:
+            natsio.raise_if_cancelled()
             await asyncio.sleep(self.settings.heartbeat_interval)
             try:
                 await self._heartbeat_once()
