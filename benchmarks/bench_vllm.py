@@ -14,7 +14,8 @@ Without ``--model-dir`` the model is the tests' tiny random-weight Llama
 concurrency, in alternating rounds (direct, inproc, bridge, then reversed):
 
 * TTFT (time to the first content token) p50/p99 with a Python streaming client at that
-  concurrency (a closed loop, ``--requests`` per side and round);
+  concurrency (a closed loop, ``--requests`` or three per client, whichever is more, per
+  side and round), each measurement starting once every serving process is idle;
 * output tokens/s with wrk (benchmarks/post.lua) for ``--seconds``: req/s times
   ``--max-tokens`` (``ignore_eos``, so every answer has exactly that many tokens).
 
@@ -41,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nebula import procs  # noqa: E402
+from nebula import procs, subjects  # noqa: E402
 from nebula.embedded import EmbeddedNats  # noqa: E402
 from nebula.settings import EmbeddedNatsSettings  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
@@ -128,6 +129,58 @@ def cpu_by_group() -> dict[tuple[int, bool], float]:
     return out
 
 
+async def quiesce(groups: dict[str, dict[str, int]], timeout: float = 15.0) -> float:
+    """Wait until every serving process is idle (all of them together under 5% of one
+    core over 0.25 s), so no side's measurement starts while another side still runs
+    what wrk left behind when it hung up (a server that aborts late would charge its
+    tail to the next side). Returns the seconds waited."""
+    wanted = {g for side in groups.values() for g in side.values()}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        before = cpu_by_group()
+        await asyncio.sleep(0.25)
+        after = cpu_by_group()
+        used = sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] in wanted)
+        if used < 0.25 * 0.05:
+            break
+    return time.monotonic() - t0
+
+
+async def engine_running(side: str, urls: dict[str, str], kv: Any) -> int | None:
+    """Requests the side's vLLM engine runs now, from the engine itself: vLLM's own
+    gauge for the direct server (which the bridge drives too), the worker's heartbeat
+    (vLLM's scheduler stats, sent every second) for the in-process engine."""
+    import httpx
+
+    if side == "inproc":
+        import msgspec
+
+        from nebula.protocol import WorkerInfo
+
+        total = 0
+        for key in await kv.keys():
+            if key.startswith(subjects.model_token(NAMES["inproc"]) + "."):
+                entry = await kv.get(key)
+                total += msgspec.json.decode(entry.value, type=WorkerInfo).engine_running
+        return total
+    async with httpx.AsyncClient(timeout=2) as http:
+        text = (await http.get(f"{urls['direct']}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
+async def sample_running(side: str, urls: dict[str, str], kv: Any, out: list[int]) -> None:
+    """Sample the engine's running count every 0.5 s until cancelled."""
+    while True:
+        await asyncio.sleep(0.5)
+        with contextlib.suppress(Exception):
+            n = await engine_running(side, urls, kv)
+            if n is not None:
+                out.append(n)
+
+
 def wrk(url: str, conc: int, seconds: int, payload: dict[str, Any]) -> dict[str, float]:
     exe = shutil.which("wrk")
     if exe is None:
@@ -204,6 +257,7 @@ async def run(args: argparse.Namespace) -> None:
         "bridge": f"http://127.0.0.1:{gport}",
     }
     procs_: list[Any] = []
+    nc: Any = None
     nats = EmbeddedNats(EmbeddedNatsSettings(port=0, store_dir=tmp / "nats"))
     await nats.start()
     env = {**ENV, "NEBULA_NATS_URL": nats.url}
@@ -258,6 +312,10 @@ async def run(args: argparse.Namespace) -> None:
         procs_.append(bridge)
         await wait_models(urls["bridge"], NAMES["bridge"], bridge, tmp / "bridge.log", 600)
         print(f"# all three up after {time.monotonic() - t0:.0f}s", flush=True)
+        import nats as nats_py
+
+        nc = await nats_py.connect(nats.url)
+        kv = await nc.jetstream().key_value(subjects.WORKERS_BUCKET)
         assert nats.proc is not None
         fabric = {"gateway": gateway.pid, "nats": nats.proc.pid}
         # The processes (process groups) serving each side, by role.
@@ -274,15 +332,23 @@ async def run(args: argparse.Namespace) -> None:
             ttft: dict[str, list[float]] = {s: [] for s in SIDES}
             tps: dict[str, list[float]] = {s: [] for s in SIDES}
             errors = {s: 0.0 for s in SIDES}
+            running: dict[str, list[int]] = {s: [] for s in SIDES}
             # CPU seconds of each serving process, and requests served.
             cpu: dict[str, dict[str, float]] = {s: {"requests": 0.0} for s in SIDES}
+            waited = 0.0
             for r in range(args.rounds):
                 order = SIDES if r % 2 == 0 else tuple(reversed(SIDES))
                 for side in order:
                     payload = body(NAMES[side], args.max_tokens)
-                    ttft[side] += await ttfts(urls[side], payload, conc, args.requests)
+                    waited = max(waited, await quiesce(groups))
+                    # Several waves at every concurrency, not one burst.
+                    n = max(args.requests, 3 * conc)
+                    ttft[side] += await ttfts(urls[side], payload, conc, n)
+                    waited = max(waited, await quiesce(groups))
                     before = cpu_by_group()
+                    sampler = asyncio.create_task(sample_running(side, urls, kv, running[side]))
                     w = await asyncio.to_thread(wrk, urls[side], conc, args.seconds, payload)
+                    sampler.cancel()
                     after = cpu_by_group()
                     # Every process that serves the side (vLLM's engine core shares its
                     # parent's process group): the CPU a request costs, all included.
@@ -295,9 +361,11 @@ async def run(args: argparse.Namespace) -> None:
                     cpu[side]["requests"] += w["requests"]
                     tps[side].append(w["rps"] * args.max_tokens)
                     errors[side] += w["errors"]
-            rows.append((conc, ttft, tps, errors, cpu))
-            print(f"# concurrency {conc} done", flush=True)
+            rows.append((conc, ttft, tps, errors, cpu, running))
+            print(f"# concurrency {conc} done (longest wait for idle {waited:.1f}s)", flush=True)
     finally:
+        if nc is not None:
+            await nc.close()
         for p in reversed(procs_):
             await procs.stop(p, 30.0)
         await nats.close()
@@ -310,19 +378,22 @@ async def run(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace, rows: list[Any]) -> None:
     print(
-        f"\n{args.max_tokens}-token streamed chat answers; TTFT from {args.requests} requests "
-        f"x {args.rounds} rounds per side; tokens/s from wrk, {args.seconds}s x {args.rounds} "
+        f"\n{args.max_tokens}-token streamed chat answers; TTFT from max({args.requests}, 3 x "
+        f"concurrency) requests x {args.rounds} rounds per side; tokens/s from wrk, "
+        f"{args.seconds}s x {args.rounds} "
         "rounds per side, alternating. CPU ms/request: every process serving the side "
         "(direct: vLLM's server and engine core; inproc: the worker with vLLM in it, "
         "gateway, nats-server; bridge: its worker, the direct server, gateway, nats-server), "
-        "then split by process (children: vLLM's engine core).\n"
+        "then split by process (children: vLLM's engine core). Every measurement starts once "
+        "all serving processes are idle.\n"
     )
     print(
         "| conc | side | TTFT p50 ms | TTFT p99 ms | TTFT p50 - direct | out tok/s "
-        "(per round) | tok/s vs direct | CPU ms/request | CPU split | errors |"
+        "(per round) | tok/s vs direct | engine running p50 (min-max) | CPU ms/request | "
+        "CPU split | errors |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|")
-    for conc, ttft, tps, errors, cpu in rows:
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    for conc, ttft, tps, errors, cpu, running in rows:
         d50 = pct(ttft["direct"], 50)
         dtps = sum(tps["direct"]) / len(tps["direct"])
         for side in SIDES:
@@ -332,10 +403,12 @@ def report(args: argparse.Namespace, rows: list[Any]) -> None:
             n = max(cpu[side]["requests"], 1.0)
             roles = {k: 1000 * v / n for k, v in cpu[side].items() if k != "requests"}
             split = " / ".join(f"{k} {v:.1f}" for k, v in roles.items())
+            ran = [float(x) for x in running[side]]
+            engine = f"{pct(ran, 50):.0f} ({min(ran):.0f}-{max(ran):.0f})" if ran else "-"
             print(
                 f"| {conc} | {side} | {p50:.1f} | {p99:.1f} | "
                 f"{'' if side == 'direct' else f'{p50 - d50:+.1f}'} | {mean:.0f} ({per_round}) | "
-                f"{mean / dtps:.2f}x | {sum(roles.values()):.1f} | {split} | "
+                f"{mean / dtps:.2f}x | {engine} | {sum(roles.values()):.1f} | {split} | "
                 f"{errors[side]:.0f} |"
             )
 
