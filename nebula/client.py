@@ -337,6 +337,12 @@ class BatchClient:
         # queue it reads, keeping its accounting, and wait through it only when empty.
         buffered = sub._pending_queue
         try:
+            if not follow:
+                # What is stored now, not a second of silence: a fresh job has none.
+                info = await sub.consumer_info()
+                delivered = info.delivered.consumer_seq if info.delivered else 0
+                if not info.num_pending and not delivered and buffered.empty():
+                    return
             while True:
                 try:
                     if buffered.empty():
@@ -357,12 +363,15 @@ class BatchClient:
                     continue
                 hdrs = msg.headers or {}
                 status = hdrs.get(subjects.H_STATUS, "500")
+                last = not follow and not msg.metadata.num_pending
                 yield Result(
                     item_id=hdrs.get(subjects.H_ITEM_ID)
                     or subjects.item_from_result_subject(msg.subject),
                     status=int(status) if status.isdigit() else 500,
                     body=msg.data,
                 )
+                if last:
+                    return
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -24,6 +24,7 @@ import base64
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,8 @@ from nebula.protocol import Endpoint
 from workers.engines.base import EngineLoad, Job, Output
 
 log = logging.getLogger(__name__)
+
+_SWITCH_INTERVAL = 0.0005  # seconds; see start()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +140,11 @@ class HFEngine:
         self.dimension = int(self._model.get_embedding_dimension())
         self.max_tokens = int(self._model.get_max_seq_length() or 512)
         await asyncio.to_thread(self._pick_forward)
+        # A pass runs in a thread whose Python steps between torch ops need the GIL,
+        # while the event loop encodes and publishes the previous pass's results: at
+        # the default 5 ms switch interval the pass waited on the loop (measured:
+        # packed batch 0.84-0.89x of direct encode, 0.88-0.94x at 0.5 ms).
+        sys.setswitchinterval(_SWITCH_INTERVAL)
         self._batcher = asyncio.create_task(self._batch_loop(), name="hf-batcher")
 
     def _load(self) -> Any:
