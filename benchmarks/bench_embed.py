@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import resource
@@ -159,11 +158,6 @@ async def main() -> None:
     model = SentenceTransformer(model_dir, device="cpu")
     items = texts(args.texts)
     model.encode(items[:64])  # warm up
-    # The model's objects live as long as this process: keep them out of the cyclic
-    # GC's walks, which otherwise run during the batch rows (the client allocates
-    # per result) and charge the fabric for this process holding a model.
-    gc.collect()
-    gc.freeze()
     # A text of the average length: HTTP sends it in every request.
     body = json.dumps({"model": MODEL, "input": items[4]}).encode()
     tmp = Path(tempfile.mkdtemp(prefix="nebula-embed-"))
