@@ -172,6 +172,30 @@ async def test_interactive_requests_overtake_queued_batch_items(
     await client.purge(job.job_id)
 
 
+async def test_a_pass_with_interactive_texts_stays_short() -> None:
+    """Batch-only passes are max_batch texts of similar length; a pass that carries
+    interactive texts takes them all first (up to max_batch) and is topped up with
+    batch texts only to interactive_batch, so the interactive request's own pass is short."""
+    from workers.engines.hf import _Pending, _Text
+
+    engine = HFEngine(HFSettings(model_path="unused", max_batch=128, interactive_batch=32))
+    loop = asyncio.get_running_loop()
+
+    def queue(priority: int, n: int, seq: int) -> list[_Text]:
+        p = _Pending([f"text {i}" for i in range(n)], loop.create_future(), priority, seq)
+        return [_Text(p, i, 5 + i % 7) for i in range(n)]
+
+    batch = queue(1, 1000, 1)
+    engine._queue = list(batch)
+    assert len(engine._take(128)) == 128  # batch only: a full pass
+    engine._queue = [*batch, *queue(0, 3, 2)]
+    first = engine._take(128)
+    assert len(first) == 32 and sum(t.pending.priority == 0 for t in first) == 3
+    engine._queue = [*batch, *queue(0, 200, 3)]
+    many = engine._take(128)
+    assert len(many) == 128 and all(t.pending.priority == 0 for t in many)
+
+
 async def test_packed_batch_items_on_hf_each_get_their_own_answer(
     embed: EmbedFabric, nc: Client, nats_settings: NatsSettings
 ) -> None:

@@ -216,7 +216,7 @@ def _hf(cfg: EngineConfig) -> Engine:
             model_path=cfg.model_path,
             max_concurrency=cfg.max_concurrency or 64,
             torch_threads=int(o.get("torch_threads") or 0),
-            max_batch=int(o.get("max_batch") or 64),
+            max_batch=int(o.get("max_batch") or HFSettings.max_batch),
         )
     )
 
@@ -269,7 +269,7 @@ ENGINES = EngineRegistry(
                 EngineOption(
                     "torch_threads", int, "hf: torch CPU threads (default: torch's, all cores)."
                 ),
-                EngineOption("max_batch", int, "hf: texts per forward pass (default 64)."),
+                EngineOption("max_batch", int, "hf: texts per forward pass (default 128)."),
             ),
         ),
         EngineKind(
