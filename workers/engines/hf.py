@@ -46,8 +46,8 @@ class HFSettings:
     model_path: str
     device: str | None = None  # None: cuda when available, else cpu
     # Texts per forward pass. 128: on CPU a pass of 64 short texts did 0.90-0.91x the work
-    # per second of encode's best batch (128), a pass of 128 0.96-0.98x (measured: passes
-    # as the batcher makes them, no messaging, 4 alternating rounds).
+    # per second of encode's best batch (128), a pass of 128 0.96-0.97x (medians of 4
+    # alternating rounds of passes made as the batcher makes them, no messaging).
     max_batch: int = 128
     # A pass with interactive texts in it is topped up with batch texts only to this
     # size: an interactive request never waits for a full batch-sized pass of its own.
