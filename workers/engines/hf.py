@@ -45,9 +45,9 @@ _SWITCH_INTERVAL = 0.0005  # seconds; see start()
 class HFSettings:
     model_path: str
     device: str | None = None  # None: cuda when available, else cpu
-    # Texts per forward pass. 128: on CPU a pass of 64 short texts did 0.90-0.91x the work
-    # per second of encode's best batch (128), a pass of 128 0.96-0.97x (medians of 4
-    # alternating rounds of passes made as the batcher makes them, no messaging).
+    # Texts per forward pass. 128: on CPU a pass of 64 short texts did 0.90-0.93x the work
+    # per second of encode's best batch (128), a pass of 128 0.95-0.97x (medians over
+    # three runs of benchmarks/bench_hf_passes.py: passes as the batcher makes them).
     max_batch: int = 128
     # A pass with interactive texts in it is topped up with batch texts only to this
     # size: an interactive request never waits for a full batch-sized pass of its own.
