@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--texts", type=int, default=4096)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--sizes", default="64,128", help="max_batch values, comma-separated")
-    ap.add_argument("--pool-factor", type=int, default=8)
+    ap.add_argument("--pool-factor", type=int, default=4)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
