@@ -20,6 +20,7 @@ from nebula import natsio, subjects
 from nebula.errors import ModelNotFound
 from nebula.natsio import WORKER_LIVE_WINDOW, entries, watch_lost
 from nebula.protocol import ModelSpec, WorkerInfo
+from nebula.service import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +114,7 @@ class ModelRegistry:
                 await asyncio.wait_for(ev.wait(), 5.0)
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     async def _keep_watching(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,8 +20,8 @@ from nats.aio.client import Client
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
-from nebula import natsio, subjects
-from nebula.errors import Conflict, InvalidRequest, ModelNotFound
+from nebula import natsio, procs, subjects
+from nebula.errors import Conflict, ErrorEnvelope, InvalidRequest, ModelNotFound, Unavailable
 from nebula.protocol import ModelSpec, NodeInfo, Placement, PlacementState
 from nebula.settings import NatsSettings
 from workers.engines.registry import ENGINES, EngineConfig
@@ -95,12 +97,63 @@ def _engine_config(req: LoadRequest) -> EngineConfig:
     )
 
 
-def check_engine(req: LoadRequest) -> None:
-    """The engine's own checks (vLLM parses its flags): slow imports, so run in a thread.
-    Skipped where the engine's package is not installed; the worker checks again."""
+CHECK_TIMEOUT = 300.0  # seconds for an engine's own check of a load (it imports the engine)
+_CHECK_INVALID = 3  # the checker's exit code when the load is invalid (its verdict on fd 1)
+
+
+async def check_engine(req: LoadRequest) -> None:
+    """The engine's own checks (vLLM parses its flags), in a child process: they import
+    the engine, seconds of CPU and hundreds of MiB that the process serving requests (the
+    gateway hosts the admin API) must not pay in stalls and heap. Skipped where the
+    engine's package is not installed; the worker checks again."""
     kind = ENGINES.get(req.engine)
-    if kind.check is not None and kind.available():
+    if kind.check is None or not kind.available():
+        return
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from nebula.admin import check_main; check_main()",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=procs.die_with_parent,
+    )
+    try:
+        async with asyncio.timeout(CHECK_TIMEOUT):
+            out, err = await proc.communicate(msgspec.json.encode(req))
+    except BaseException as e:  # the deadline, or the caller gave up
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        if isinstance(e, TimeoutError):
+            raise Unavailable(
+                f"the {req.engine} engine's check of this load took over {CHECK_TIMEOUT:.0f}s"
+            ) from None
+        raise
+    if proc.returncode == 0:
+        return
+    if proc.returncode == _CHECK_INVALID:
+        verdict = msgspec.json.decode(out, type=ErrorEnvelope).error
+        raise InvalidRequest(verdict.message, param=verdict.param)
+    tail = " | ".join(err.decode(errors="replace").strip().splitlines()[-5:])
+    raise Unavailable(f"the {req.engine} engine's check of this load failed: {tail}")
+
+
+def check_main() -> None:
+    """The checker child: a LoadRequest on stdin; exit 0 (valid) or _CHECK_INVALID with
+    the error on stdout. Everything else the engine prints goes to stderr."""
+    verdict = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # engines log to stdout: keep fd 1 for the verdict alone
+    sys.stdout = sys.stderr
+    req = msgspec.json.decode(sys.stdin.buffer.read(), type=LoadRequest)
+    kind = ENGINES.get(req.engine)
+    assert kind.check is not None
+    try:
         kind.check(_engine_config(req))
+    except InvalidRequest as e:
+        verdict.write(e.to_json())
+        verdict.close()
+        sys.exit(_CHECK_INVALID)
 
 
 def validate(req: LoadRequest) -> ModelSpec:
@@ -258,7 +311,7 @@ class ClusterAdmin:
     async def load(self, req: LoadRequest) -> ModelSpec:
         spec = validate(req)
         await self._check_names(spec.name, [spec.name, *spec.adapters])
-        await asyncio.to_thread(check_engine, req)
+        await check_engine(req)
         try:
             await self.models_kv.create(subjects.model_key(spec.name), msgspec.json.encode(spec))
         except KeyWrongLastSequenceError:

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import IO
 
+from nebula.service import await_chain
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -98,8 +100,14 @@ async def run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> 
 
 
 def _dump_tasks() -> None:
+    print_tasks("SIGUSR1")
+
+
+def print_tasks(why: str, file: IO[str] | None = None) -> None:
+    """Every asyncio task's await chain."""
+    out = file or sys.stderr
     tasks = asyncio.all_tasks()
-    print(f"--- {len(tasks)} asyncio tasks (SIGUSR1) ---", file=sys.stderr)
+    print(f"--- {why}: {len(tasks)} asyncio tasks ---", file=out)
     for task in tasks:
-        task.print_stack(limit=12, file=sys.stderr)
-    sys.stderr.flush()
+        print(await_chain(task), file=out)
+    out.flush()

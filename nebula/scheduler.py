@@ -49,7 +49,7 @@ from nebula.errors import Unavailable
 from nebula.metrics import NatsCollector
 from nebula.placement import PlacementKey, check_strategy, plan
 from nebula.protocol import ModelSpec, NodeInfo, Placement, PlacementState
-from nebula.service import Service
+from nebula.service import Service, cancel_and_wait
 from nebula.settings import NatsSettings, SchedulerSettings
 
 log = logging.getLogger(__name__)
@@ -275,9 +275,7 @@ class Scheduler(Service):
         self._state = SchedulerState.CLOSING
         was_leader = self._leader
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+            await cancel_and_wait([self._task])
         rev = self._lease_rev
         if was_leader and self._lease_kv is not None and self.nc.is_connected:
             # Only our own revision: never delete a successor's lease.
@@ -383,11 +381,7 @@ class Scheduler(Service):
             self._leader = False
             self._leading.clear()
             self._idle.clear()
-            for t in (work, hold):
-                t.cancel()
-            for t in (work, hold):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait([work, hold])
             if self._state is SchedulerState.RUNNING:
                 log.warning("scheduler %s: no longer leading", self.scheduler_id)
 
@@ -496,11 +490,7 @@ class Scheduler(Service):
                 t.result()  # raises what ended the session
             raise _Resync("a session task ended")
         finally:
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait(tasks)
             for w in watchers:
                 with contextlib.suppress(Exception):
                     await w.stop()

@@ -16,5 +16,7 @@ export HF_HUB_OFFLINE=1  # models come from local directories only
 python -m ruff check .
 python -m ruff format --check .
 python -m mypy
-# pytest exits 5 when it selects no test: that fails CI too (set -e).
-python -m pytest "$@"
+# pytest exits 5 when it selects no test: that fails CI too (set -e). Each test has its
+# deadline (tests/conftest.py); this bounds the run as a whole (about 12 min on 2 cores):
+# SIGINT first, so pytest prints what failed, then SIGKILL.
+timeout --signal=INT --kill-after=120 "${NEBULA_TEST_LIMIT:-45m}" python -m pytest "$@"

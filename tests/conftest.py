@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
+import functools
+import inspect
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,7 +24,7 @@ from nats.aio.client import Client
 from openai import AsyncOpenAI
 
 from gateway.server import GatewayServer
-from nebula import natsio
+from nebula import natsio, procs
 from nebula.embedded import EmbeddedCluster, EmbeddedNats
 from nebula.settings import (
     EmbeddedNatsSettings,
@@ -32,6 +36,81 @@ from nebula.settings import (
 from workers.engines.sim import SimEngine
 from workers.runner import WorkerProcess
 from workers.worker import Worker
+
+# Deadlines. pytest-timeout's signal method raises inside whatever frame runs when SIGALRM
+# comes; in an event loop that can be asyncio's own machinery, which leaves the loop broken
+# and the fixtures' teardown hanging (one CI run hung so until CI's limit). An async test
+# instead gets its deadline inside its loop: every task's stack is printed, the test is
+# cancelled and fails, and fixtures tear down as usual. A thread (faulthandler) backs it up
+# over setup, call and teardown: BACKSTOP_GRACE past the deadline it prints every thread's
+# stack and ends the run, so a hang fails CI in minutes. Sync tests keep pytest-timeout.
+BACKSTOP_GRACE = 300.0
+_DEADLINE = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    if not inspect.iscoroutinefunction(getattr(item, "obj", None)):
+        return None  # pytest-timeout's own timer
+    item.stash[_DEADLINE] = float(settings.timeout)
+    faulthandler.dump_traceback_later(settings.timeout + BACKSTOP_GRACE, exit=True)
+    return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> bool | None:
+    if _DEADLINE not in item.stash:
+        return None
+    faulthandler.cancel_dump_traceback_later()
+    return True
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    deadline = item.stash.get(_DEADLINE, None)
+    if deadline is None:
+        return (yield)
+    assert isinstance(item, pytest.Function)
+    original = item.obj
+
+    @functools.wraps(original)
+    async def bounded(*args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            procs.print_tasks(f"{item.nodeid}: past its {deadline:g}s deadline")
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(deadline, expire)
+        try:
+            return await original(*args, **kwargs)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            task.uncancel()
+            pytest.fail(f"past its {deadline:g}s deadline (task stacks above, in stderr)")
+        finally:
+            timer.cancel()
+
+    item.obj = bounded
+    try:
+        return (yield)
+    finally:
+        item.obj = original
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A failure's report at once, not only in the summary: a run that is killed later
+    (the backstop above, CI's limit) still shows why its tests failed."""
+    if report.failed:
+        text = report.longreprtext.splitlines()
+        print(f"\n--- {report.nodeid} ({report.when}) failed:", file=sys.__stderr__)
+        print("\n".join(text[-80:]), file=sys.__stderr__, flush=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

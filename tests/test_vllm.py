@@ -172,9 +172,13 @@ class Deployment:
 
 async def _vllm_server(model_dir: Path, port: int, log: Path) -> asyncio.subprocess.Process:
     # vLLM's own server, started the way its docs say (the launcher module where it exists).
+    # Looked up by path: find_spec of a submodule would import vLLM (and torch) here.
+    spec = importlib.util.find_spec("vllm")
+    assert spec is not None and spec.submodule_search_locations
+    launchers = Path(spec.submodule_search_locations[0]) / "entrypoints" / "launchers"
     module = (
         "vllm.entrypoints.launchers.api_server.entry"
-        if importlib.util.find_spec("vllm.entrypoints.launchers")
+        if launchers.is_dir()
         else "vllm.entrypoints.openai.api_server"
     )
     argv = [
@@ -282,7 +286,9 @@ async def deployment(
         watcher.cancel()  # loaded: no Starting reasons to collect any more
 
         def side(url: str) -> Side:
-            return Side(url, openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0))
+            # A bounded timeout: a stuck call fails its test, not the run.
+            client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+            return Side(url, client)
 
         dep = Deployment(
             direct=side(f"http://127.0.0.1:{vport}/v1"),

@@ -50,7 +50,7 @@ from nebula import natsio, procs, subjects
 from nebula.errors import Unavailable
 from nebula.metrics import NatsCollector
 from nebula.protocol import GpuInfo, ModelSpec, NodeInfo, Placement, PlacementState, WorkerInfo
-from nebula.service import Service
+from nebula.service import Service, cancel_and_wait
 from nebula.settings import NatsSettings, NodeSettings, default_data_dir
 from workers import gpu
 from workers.engines import ENGINES
@@ -571,9 +571,7 @@ class _Replica:
     async def shutdown(self) -> None:
         """Agent closing: stop the loop, then the worker (draining)."""
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+            await cancel_and_wait([self.task])
         await self.stop_worker()
 
 
@@ -752,11 +750,7 @@ class NodeAgent(Service):
         started = self._state is AgentState.RUNNING
         self._state = AgentState.CLOSING
         try:
-            for t in self._tasks:
-                t.cancel()
-            for t in self._tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
+            await cancel_and_wait(self._tasks)
             replicas = list(self._replicas.values())
             stopping = [asyncio.ensure_future(r.shutdown()) for r in replicas]
             if started and self._nc is not None and self.nc.is_connected:

@@ -46,7 +46,7 @@ from nebula.protocol import (
     ModelSpec,
     WorkerInfo,
 )
-from nebula.service import Service
+from nebula.service import Service, cancel_and_wait
 from nebula.settings import NatsSettings, WorkerSettings
 from workers.batch_intake import BATCH_PULL_EXPIRES, BatchIntake
 from workers.engines.base import AdapterHost, Engine, Job
@@ -301,11 +301,7 @@ class Worker(Service):
                     job, WorkerLost(self.broken_reason or "worker stopped before finishing")
                 )
         tasks = [*self._tasks, *(t for t in (self._repairing, self._repull) if t is not None)]
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_and_wait(tasks)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
