@@ -12,7 +12,9 @@ its ``limit_concurrency`` answers plain text. This protocol adds:
   connection is busy with a request is the new one refused with an OpenAI-shaped
   503;
 * ``scope["extensions"]["nebula.abort"]``: lets a response drop a connection whose
-  client stopped reading (closing would wait for a flush that never comes).
+  client stopped reading (closing would wait for a flush that never comes);
+* ``scope["extensions"]["nebula.flow"]``: uvicorn's flow control, whose
+  ``write_paused`` says whether the next ``send`` can wait at all.
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {"nebula.abort": self.transport.abort}  # type: ignore[dict-item]
+        ext: dict[str, Any] = {"nebula.abort": self.transport.abort, "nebula.flow": self.flow}
+        self.scope["extensions"] = ext
         if self._head_timer is None:
             self._arm()
 

@@ -50,6 +50,9 @@ _DATA = FrameKind.DATA.value
 _END = FrameKind.END.value
 _ERROR = FrameKind.ERROR.value
 _KEEPALIVE = FrameKind.KEEPALIVE.value
+_FAILURE = "failure"  # Call.tail after fail(): the next read raises at once
+# Frames after which frames() yields, returns or raises (a frame without a kind is data).
+_ANSWER_KINDS = frozenset({_DATA, _END, _ERROR, _FAILURE, None})
 
 
 # A request runs at most this many attempts (the first, and one transparent retry).
@@ -86,6 +89,7 @@ class Call:
         "request_id",
         "seq",
         "started_at",
+        "tail",
         "usage",
         "worker_id",
     )
@@ -107,6 +111,7 @@ class Call:
         self.deadline = deadline
         # None is the wake-up for ``failure`` (gateway shutdown, flow-control breach).
         self.queue: asyncio.Queue[Msg | None] = asyncio.Queue()
+        self.tail: str | None = None  # kind of the newest frame queued ("failure": fail())
         self.worker_id: str | None = None
         self.attempt = 0
         self.seq = 0  # stream sequence of the queued job, to withdraw it
@@ -123,9 +128,18 @@ class Call:
         self.migration: Migration | None = None
         self.raw = 0  # size of the last frame as the worker sent it (before a rewrite)
 
+    def ready(self) -> bool:
+        """frames() would yield at once: the newest frame queued is data, end or error
+        (keepalives before it are skipped without waiting). Not for a migrated stream,
+        whose relay may drop a frame and wait for the next."""
+        return self.tail in _ANSWER_KINDS and not self.queue.empty() and self.migration is None
+
     async def _next(self, timeout: float) -> Msg:
-        async with asyncio.timeout(timeout):
-            msg = await self.queue.get()
+        if self.queue.empty():
+            async with asyncio.timeout(timeout):
+                msg = await self.queue.get()
+        else:
+            msg = self.queue.get_nowait()  # no timer for a frame already here
         if msg is None:
             assert self.failure is not None
             raise self.failure
@@ -181,6 +195,7 @@ class Call:
             self.started_at = time.perf_counter()
             if kind != _START and kind != _KEEPALIVE:
                 self.queue.put_nowait(msg)  # data/end: let frames() take it
+                self.tail = kind
                 self.buffered += len(msg.data)
                 self.last_seq -= 1
             return
@@ -261,6 +276,7 @@ class Call:
         if self.failure is None:
             self.failure = err
             self.queue.put_nowait(None)
+            self.tail = _FAILURE
 
     async def cancel(self) -> None:
         """Nobody wants the answer: withdraw the queued job or stop the worker running it.
@@ -353,6 +369,7 @@ class Dispatcher:
         if call is not None and (attempt is None or attempt == str(call.attempt)):
             call.buffered += len(msg.data)
             call.queue.put_nowait(msg)
+            call.tail = hdrs.get(subjects.H_KIND)
             if call.buffered > self._max_buffered:
                 call.fail(EngineError("the worker sent past its flow-control window"))
             return
