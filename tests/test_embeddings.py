@@ -141,7 +141,7 @@ async def test_interactive_requests_overtake_queued_batch_items(
 ) -> None:
     """Priority, observed through the engine's own pass counter (no timing): with many
     passes' worth of batch-job items queued, an interactive request waits for at most
-    the pass already running, then runs in the next one, and the batch still drains."""
+    the passes already running, then runs in the next one, and the batch still drains."""
     engine = embed.engine
     n = engine.settings.max_batch * 12
     batch = [
@@ -151,7 +151,8 @@ async def test_interactive_requests_overtake_queued_batch_items(
     await until(lambda: engine.load().running > 0, 30)  # a batch pass is running
     before = engine.forward_passes
     await engine.embed(["an interactive query"], priority=0)
-    assert engine.forward_passes - before <= 2  # the running pass, then its own
+    # The passes running (engine.passes at once), then its own.
+    assert engine.forward_passes - before <= engine.passes + 1
     assert not all(f.done() for f in batch)  # it overtook the batch items still queued
     await asyncio.gather(*batch)
     # The same through the fabric: batch items from NATS, an interactive HTTP request.

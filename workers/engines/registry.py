@@ -216,6 +216,7 @@ def _hf(cfg: EngineConfig) -> Engine:
             model_path=cfg.model_path,
             max_concurrency=cfg.max_concurrency or 64,
             torch_threads=int(o.get("torch_threads") or 0),
+            passes=int(o.get("passes") or 0),
             max_batch=int(o.get("max_batch") or HFSettings.max_batch),
         )
     )
@@ -267,7 +268,15 @@ ENGINES = EngineRegistry(
             needs_model_path=True,
             options=(
                 EngineOption(
-                    "torch_threads", int, "hf: torch CPU threads (default: torch's, all cores)."
+                    "torch_threads",
+                    int,
+                    "hf: torch CPU threads per pass (default: the cores divided among passes).",
+                ),
+                EngineOption(
+                    "passes",
+                    int,
+                    "hf: forward passes at once (default: on CPU one per core, at most 4; "
+                    "on GPU 1).",
                 ),
                 EngineOption("max_batch", int, "hf: texts per forward pass (default 128)."),
             ),
