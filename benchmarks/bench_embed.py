@@ -147,7 +147,15 @@ async def main() -> None:
     ap.add_argument("--texts", type=int, default=2048)
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="direct's torch threads"
+    )
+    ap.add_argument(
+        "--worker-args",
+        default="",
+        help="extra `nebula worker` flags, e.g. '--passes 1 --torch-threads 2' "
+        "(default: the hf engine's own: on CPU one pass per core, one thread each)",
+    )
     ap.add_argument("--pack", type=int, default=64, help="items per job message (packed row)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -177,7 +185,7 @@ async def main() -> None:
         wk = await procs.spawn(
             procs.nebula_argv(
                 "worker", "--model", MODEL, "--engine", "hf", "--model-path", model_dir,
-                "--max-concurrency", "128", "--torch-threads", str(args.threads),
+                "--max-concurrency", "128", *args.worker_args.split(),
             ),
             env=env,
             log_file=tmp / "worker.log",
@@ -219,8 +227,9 @@ async def main() -> None:
             await procs.stop(wk)
             await procs.stop(gw)
     print(
-        f"\nEmbeddings, all-MiniLM-L6-v2 on CPU ({os.cpu_count()} cores, torch threads "
-        f"{args.threads}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}; gateway, worker, "
+        f"\nEmbeddings, all-MiniLM-L6-v2 on CPU ({os.cpu_count()} cores, direct's torch threads "
+        f"{args.threads}, worker flags {args.worker_args or '(defaults)'}, "
+        f"OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}; gateway, worker, "
         f"nats-server and load generator on the same "
         f"machine), {args.texts} texts\n"
     )
