@@ -143,7 +143,7 @@ async def test_interactive_requests_overtake_queued_batch_items(
     passes' worth of batch-job items queued, an interactive request waits for at most
     the passes already running, then runs in the next one, and the batch still drains."""
     engine = embed.engine
-    n = engine.settings.max_batch * 12
+    n = engine.max_batch * 12
     batch = [
         asyncio.ensure_future(engine.embed([f"batch text number {i}"], priority=1))
         for i in range(n)
@@ -159,7 +159,7 @@ async def test_interactive_requests_overtake_queued_batch_items(
     client = await BatchClient.open(nc, nats_settings)
     job = await client.create(MODEL, total=n)
     await client.submit(job, ((str(i), {"input": f"queued text {i}"}) for i in range(n)))
-    await until(lambda: engine.load().waiting >= engine.settings.max_batch, 60)
+    await until(lambda: engine.load().waiting >= engine.max_batch, 60)
     async with embed.client() as http:
         r = await http.embeddings.create(model=MODEL, input="an interactive query")
     assert len(r.data[0].embedding) == 384

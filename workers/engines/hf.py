@@ -61,10 +61,13 @@ def _cores() -> int:
 class HFSettings:
     model_path: str
     device: str | None = None  # None: cuda when available, else cpu
-    # Texts per forward pass. 128: on CPU a pass of 64 short texts did 0.90-0.93x the work
-    # per second of encode's best batch (128), a pass of 128 0.95-0.97x (medians over
-    # three runs of benchmarks/bench_hf_passes.py: passes as the batcher makes them).
-    max_batch: int = 128
+    # Texts per forward pass; 0: 128 with one pass at a time, 64 with several. One pass on
+    # all cores: 64 short texts did 0.90-0.93x the work per second of encode's best batch
+    # (128), 128 did 0.95-0.97x (medians, three runs of benchmarks/bench_hf_passes.py).
+    # Passes at once, one core each: 64 measured like 128 (bench_embed packed 0.94-0.97x
+    # against 0.93-1.02x), and an interactive text waits for shorter passes (during a
+    # batch p50 160-218 ms against 272-346 ms; benchmarks/bench_hf_interactive.py).
+    max_batch: int = 0
     # A pass with interactive texts in it is topped up with batch texts only to this
     # size: an interactive request never waits for a full batch-sized pass of its own.
     interactive_batch: int = 32
@@ -172,7 +175,12 @@ class HFEngine:
     def batch_slots(self) -> int:
         """Batch-job items the worker may hand over at once: the passes running, a pool
         waiting."""
-        return self.settings.max_batch * (self.settings.pool_factor + self.passes)
+        return self.max_batch * (self.settings.pool_factor + self.passes)
+
+    @property
+    def max_batch(self) -> int:
+        """Texts per forward pass (see HFSettings.max_batch)."""
+        return self.settings.max_batch or (128 if self.passes == 1 else 64)
 
     async def start(self) -> None:
         self._model = await asyncio.to_thread(self._load)
@@ -324,7 +332,7 @@ class HFEngine:
 
     async def _batch_loop(self) -> None:
         wait = self.settings.batch_wait_ms / 1000
-        cap = self.settings.max_batch
+        cap = self.max_batch
         free = asyncio.Semaphore(self.passes)
         running: set[asyncio.Task[None]] = set()
         try:

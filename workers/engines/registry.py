@@ -217,7 +217,7 @@ def _hf(cfg: EngineConfig) -> Engine:
             max_concurrency=cfg.max_concurrency or 64,
             torch_threads=int(o.get("torch_threads") or 0),
             passes=int(o.get("passes") or 0),
-            max_batch=int(o.get("max_batch") or HFSettings.max_batch),
+            max_batch=int(o.get("max_batch") or 0),
         )
     )
 
@@ -278,7 +278,12 @@ ENGINES = EngineRegistry(
                     "hf: forward passes at once (default: on CPU one per core, at most 4; "
                     "on GPU 1).",
                 ),
-                EngineOption("max_batch", int, "hf: texts per forward pass (default 128)."),
+                EngineOption(
+                    "max_batch",
+                    int,
+                    "hf: texts per forward pass (default: 128 with one pass at a time, "
+                    "64 with several).",
+                ),
             ),
         ),
         EngineKind(
