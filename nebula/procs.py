@@ -103,11 +103,10 @@ def _dump_tasks() -> None:
     print_tasks("SIGUSR1")
 
 
-def print_tasks(why: str, file: IO[str] | None = None) -> None:
-    """Every asyncio task's await chain."""
-    out = file or sys.stderr
+def print_tasks(why: str) -> None:
+    """Every asyncio task's await chain, to stderr."""
     tasks = asyncio.all_tasks()
-    print(f"--- {why}: {len(tasks)} asyncio tasks ---", file=out)
+    print(f"--- {why}: {len(tasks)} asyncio tasks ---", file=sys.stderr)
     for task in tasks:
-        print(await_chain(task), file=out)
-    out.flush()
+        print(await_chain(task), file=sys.stderr)
+    sys.stderr.flush()

@@ -48,7 +48,7 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]], grace: float = 5
     library call and goes on) is cancelled again every half second, and after ``grace``
     seconds left behind with a warning naming where it waits: a close never hangs on one.
     The caller's own cancellation still propagates."""
-    tasks = [t for t in tasks if t is not None]
+    tasks = list(tasks)
     pending = {t for t in tasks if not t.done()}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace

@@ -66,7 +66,8 @@ class HFSettings:
     # (128), 128 did 0.95-0.97x (medians, three runs of benchmarks/bench_hf_passes.py).
     # Passes at once, one core each: 64 measured like 128 (bench_embed packed 0.94-0.97x
     # against 0.93-1.02x), and an interactive text waits for shorter passes (during a
-    # batch p50 160-218 ms against 272-346 ms; benchmarks/bench_hf_interactive.py).
+    # batch p50 153-239 ms against 264-292 ms with one 2-thread pass of 128, where
+    # passes of 128 at once gave p99 743-792 ms; benchmarks/bench_hf_interactive.py).
     max_batch: int = 0
     # A pass with interactive texts in it is topped up with batch texts only to this
     # size: an interactive request never waits for a full batch-sized pass of its own.
@@ -79,10 +80,10 @@ class HFSettings:
     # texts: under a steady stream of small requests, passes of a few texts each would
     # do a fraction of the work per second of fuller ones.
     fill_wait_ms: float = 20.0
-    # Batch-job texts sorted by length together (see module doc), in passes: 4 x 128 is
-    # the 512 texts that 8 x 64 was, so a worker holds about as many items as before (640
-    # against 576; each must finish within the batch ack_wait), and at 128 a pool of 4
-    # passes measured like one of 8 (medians 0.96x and 0.97x of encode's best).
+    # Batch-job texts sorted by length together (see module doc), from this many passes'
+    # worth: at 128 texts a pass, a pool of 4 passes measured like one of 8 (medians 0.96x
+    # and 0.97x of encode's best). A worker holds max_batch * (pool_factor + passes) batch
+    # items, each of which must finish within the batch ack_wait.
     pool_factor: int = 4
 
 
