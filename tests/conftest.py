@@ -206,10 +206,13 @@ class Fabric:
     def __init__(self, stack: contextlib.AsyncExitStack, nats: NatsSettings) -> None:
         self.stack = stack
         self.nats = nats
+        self.gateways: list[GatewayServer] = []
 
     async def gateway(self, **settings: Any) -> GatewayServer:
         gs = GatewaySettings(**{"port": 0, "dispatch_timeout": 5.0, **settings})
-        return await self.stack.enter_async_context(GatewayServer(gs, self.nats))
+        gw = await self.stack.enter_async_context(GatewayServer(gs, self.nats))
+        self.gateways.append(gw)
+        return gw
 
     async def worker(
         self,
@@ -222,8 +225,18 @@ class Fabric:
         engine = SimEngine(SimSettings(max_concurrency=max_concurrency, **sim))
         ws = WorkerSettings(model=model, max_concurrency=max_concurrency, **(worker or {}))
         wp = await self.stack.enter_async_context(WorkerProcess(ws, self.nats, engine))
-        assert wp.worker is not None
-        return wp.worker
+        w = wp.worker
+        assert w is not None
+        # A gateway learns of a worker from its heartbeat's KV watch, a moment after the
+        # worker started: a request sent before that is a correct 404, not what a test
+        # that sends at once means to check.
+        for gw in self.gateways:
+            reg = gw.gateway.models if gw.gateway is not None else None
+            if reg is not None:
+                await until(
+                    lambda r=reg: any(i.worker_id == w.worker_id for i in r.live_workers(model))
+                )
+        return w
 
     async def client(self, gw: GatewayServer, **kw: Any) -> AsyncOpenAI:
         c = AsyncOpenAI(base_url=gw.base_url + "/v1", api_key="none", max_retries=0, **kw)
