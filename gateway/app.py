@@ -287,8 +287,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     async def _unary(call: Call, request: Request, tracker: Tracker | NullTracker) -> Response:
         async def answer() -> bytes:
-            await call.wait_started()
-            tracker.started(call.started_at - call.published_at)
+            await _started(call, tracker)
             async for kind, data in call.frames():
                 if kind == "end":
                     return data
@@ -307,8 +306,7 @@ def create_app(gw: Gateway) -> FastAPI:
 
     async def _stream(call: Call, request: Request, tracker: Tracker | NullTracker) -> Response:
         async def opening() -> tuple[tuple[str, bytes], AsyncIterator[tuple[str, bytes]]]:
-            await call.wait_started()
-            tracker.started(call.started_at - call.published_at)
+            await _started(call, tracker)
             frames = call.frames()
             # Hold the HTTP status until the first answer frame, so an error the
             # worker reports at once (bad request upstream) is a real status code.
@@ -440,6 +438,16 @@ def create_app(gw: Gateway) -> FastAPI:
     )  # fmt: skip
     app.state.gateway = gw
     return app
+
+
+async def _started(call: Call, tracker: Tracker | NullTracker) -> None:
+    """Wait for a worker to take the call; its time in queue counts also when the
+    worker's first frame is an error (a lazy start carries no start frame)."""
+    try:
+        await call.wait_started()
+    finally:
+        if call.started_at:
+            tracker.started(call.started_at - call.published_at)
 
 
 async def _unless_gone(work: Coroutine[Any, Any, _T], request: Request) -> _T | None:

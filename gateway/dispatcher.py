@@ -80,6 +80,7 @@ class Call:
         "endpoint",
         "failure",
         "granted",
+        "held",
         "last_seq",
         "migration",
         "model",
@@ -127,14 +128,24 @@ class Call:
         self.usage: str | None = None  # "prompt completion" from the end frame
         self.migration: Migration | None = None
         self.raw = 0  # size of the last frame as the worker sent it (before a rewrite)
+        # A data/end frame that also marked the start (no start frame came before it):
+        # frames() takes it first, ahead of frames queued behind it.
+        self.held: Msg | None = None
 
     def ready(self) -> bool:
         """frames() would yield at once: the newest frame queued is data, end or error
         (keepalives before it are skipped without waiting). Not for a migrated stream,
         whose relay may drop a frame and wait for the next."""
-        return self.tail in _ANSWER_KINDS and not self.queue.empty() and self.migration is None
+        if self.migration is not None:
+            return False
+        return self.held is not None or (self.tail in _ANSWER_KINDS and not self.queue.empty())
 
     async def _next(self, timeout: float) -> Msg:
+        held = self.held
+        if held is not None:
+            self.held = None
+            return held  # counted and sequence-checked when it first arrived
+        msg: Msg | None
         if self.queue.empty():
             async with asyncio.timeout(timeout):
                 msg = await self.queue.get()
@@ -189,15 +200,14 @@ class Call:
             hdrs = msg.headers or {}
             kind = hdrs.get(subjects.H_KIND)
             if kind == _ERROR:
+                self.started_at = time.perf_counter()  # a worker took it (lazy start)
                 raise _wire_error(msg)
-            # A start, or (its start lost in a reconnect) the attempt's second frame.
+            # A start, or an answer frame first: a lazy start (the worker skipped start
+            # for a fast first frame), or a start lost in a reconnect.
             self.worker_id = hdrs.get(subjects.H_WORKER) or "?"
             self.started_at = time.perf_counter()
             if kind != _START and kind != _KEEPALIVE:
-                self.queue.put_nowait(msg)  # data/end: let frames() take it
-                self.tail = kind
-                self.buffered += len(msg.data)
-                self.last_seq -= 1
+                self.held = msg  # data/end: frames() takes it next, before any queued
             return
 
     async def _retry(self, why: str) -> None:
@@ -226,6 +236,7 @@ class Call:
             self.dispatcher.migrations += 1
         self.worker_id = None
         self.last_seq = 0
+        self.held = None
         self.deadline = time.time() + self.dispatcher.settings.dispatch_timeout
         await self.dispatcher.publish(self)
         await self.wait_started()
@@ -428,6 +439,7 @@ class Dispatcher:
             subjects.H_ATTEMPT: str(call.attempt),
             subjects.H_WINDOW: str(self.settings.stream_window),
             subjects.H_SILENCE: f"{self.settings.keepalive_timeout:g}",
+            subjects.H_START: subjects.START_LAZY,  # wait_started takes any first frame
         }
         subject = subjects.req_subject(call.model)
         headers[subjects.H_MSG_ID] = f"{call.request_id}.{call.attempt}"

@@ -189,6 +189,12 @@ class WorkerSettings:
     worker_id: str | None = setting(None, "Worker id (default: w<pid>-<random>).", cli=False)
     batch_tokens: int = setting(16, "After the first token, tokens are batched up to this many...")
     batch_ms: float = setting(15.0, "...or this many milliseconds.")
+    start_hold_ms: float = setting(
+        10.0,
+        "For gateway jobs (header Nebula-Start: lazy), the start frame waits this long "
+        "for the first answer frame, which then carries it: one message less per request. "
+        "0: start at once.",
+    )
     keepalive_interval: float = setting(1.0, "Seconds between keepalive frames of a silent job.")
     heartbeat_interval: float = setting(
         1.0, "Seconds between worker heartbeats.", env="NEBULA_WORKER_HEARTBEAT_INTERVAL"

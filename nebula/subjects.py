@@ -246,6 +246,11 @@ H_STATUS = "Nebula-Status"  # HTTP status carried by an error frame
 # Job headers for the exactness contract (a worker may ignore neither when present):
 H_WINDOW = "Nebula-Window"  # flow-control window in bytes; absent or 0: none
 H_SILENCE = "Nebula-Silence-Timeout"  # seconds of silence after which the gateway gives up
+# "lazy": the reader takes an attempt's first frame as its start, so a worker may skip the
+# start frame when data, end or error follows within its start_hold_ms. Without it (any
+# other publisher), start goes out at once.
+H_START = "Nebula-Start"
+START_LAZY = "lazy"
 H_DEAD_REASON = "Nebula-Dead-Reason"  # why a job went to the dead-letter subject
 H_JOB_ID = "Nebula-Job-Id"  # batch job an item belongs to
 H_ITEM_ID = "Nebula-Item-Id"  # the item's id, unique within its job

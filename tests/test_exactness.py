@@ -464,3 +464,53 @@ async def test_shutdown_drains_then_ends_open_streams_with_an_error_event(
     assert outcomes[5].startswith("503") and "shutting down" in outcomes[5]
     assert time.monotonic() - t0 < 5
     await until(lambda: worker.inflight == 0)
+
+
+async def test_a_first_frame_within_the_hold_carries_the_start(
+    fabric: Fabric, nc: Client, unique: str
+) -> None:
+    """Gateway jobs say ``Nebula-Start: lazy``: an engine that answers within the worker's
+    start_hold_ms sends no separate start frame (one message less per request), a slow
+    one still sends start after the hold, and every request keeps its frames in order
+    with exactly one end. Direct publishers (no header) get start at once:
+    tests/test_nats_direct.py."""
+    fast, slow = f"lazy-fast-{unique}", f"lazy-slow-{unique}"
+    gw = await fabric.gateway()
+    assert gw.gateway is not None
+    frames: dict[str, list[tuple[str, int]]] = {}
+
+    async def on(msg: Msg) -> None:
+        h = msg.headers or {}
+        rid = subjects.request_id_from_reply(msg.subject)
+        frames.setdefault(rid, []).append((h[subjects.H_KIND], int(h[subjects.H_SEQ])))
+
+    await nc.subscribe(subjects.reply_wildcard(gw.gateway.gateway_id), cb=on)
+    await nc.flush()
+    await fabric.worker(fast, max_concurrency=8, max_tokens=16)
+    slow_worker = await fabric.worker(slow, max_concurrency=2, ttft_ms=1500, max_tokens=4)
+    client = await fabric.client(gw, timeout=30)
+
+    async def ask(model: str, stream: bool) -> str:
+        if stream:
+            chunks = await client.chat.completions.create(model=model, messages=MSG, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        r = await client.chat.completions.create(model=model, messages=MSG)
+        return r.choices[0].message.content or ""
+
+    texts = await asyncio.gather(*[ask(fast, i % 2 == 0) for i in range(40)])
+    assert all(len(t.split()) == 16 for t in texts)
+    slow_call = asyncio.create_task(ask(slow, True))
+    await until(lambda: slow_worker.inflight == 1)
+    # The slow engine's start goes out after the hold, long before its first token.
+    await until(lambda: any(kinds == [("start", 1)] for kinds in frames.values()), 1.0)
+    assert len((await slow_call).split()) == 4
+    await until(lambda: len(frames) == 41)
+    for rid, got in frames.items():
+        kinds = [k for k, _ in got]
+        assert [n for _, n in got] == list(range(1, len(got) + 1)), (rid, got)
+        assert kinds.count("end") == 1 and kinds[-1] == "end", (rid, got)
+        assert "error" not in kinds
+    # The slow request's, and of the fast ones at most a few (a loop stalled past the
+    # hold on a loaded machine sends start on its own; that is still correct).
+    starts = sum(1 for got in frames.values() if got[0][0] == "start")
+    assert 1 <= starts <= 11, f"{starts} of 41 requests sent a separate start frame"

@@ -102,6 +102,9 @@ class _InFlight:
     silence: float = 0.0
     fenced: bool = False
     waiting_credit: bool = False  # held back by its reader, not by the engine
+    # Monotonic time by which a held-back start frame goes out (0: start already sent,
+    # or carried by the first frame).
+    start_due: float = 0.0
 
     @property
     def key(self) -> tuple[str, int]:
@@ -121,6 +124,7 @@ class _JobHeaders:
     deadline: float
     window: int
     silence: float
+    lazy_start: bool
 
 
 def _parse_headers(hdrs: dict[str, str]) -> _JobHeaders | InvalidRequest:
@@ -144,7 +148,8 @@ def _parse_headers(hdrs: dict[str, str]) -> _JobHeaders | InvalidRequest:
         return InvalidRequest(f"bad job header: {e}", param="headers")
     if attempt < 1 or window < 0 or silence < 0 or deadline != deadline:  # NaN
         return InvalidRequest("bad job header: negative or NaN value", param="headers")
-    return _JobHeaders(rid, reply, attempt, endpoint, deadline, window, silence)
+    lazy = hdrs.get(subjects.H_START) == subjects.START_LAZY
+    return _JobHeaders(rid, reply, attempt, endpoint, deadline, window, silence, lazy)
 
 
 def _valid_reply(subject: str) -> bool:
@@ -569,7 +574,13 @@ class Worker(Service):
             self.jobs_started += 1
             if len(self._inflight) == 1:  # the engine was idle: its clock starts now
                 self._last_progress = time.monotonic()
-            await self._frame(job, FrameKind.START, b"")
+            hold = self.settings.start_hold_ms / 1000
+            if hdrs.lazy_start and hold > 0:
+                # A fast engine's first frame follows within the hold and carries the
+                # start (the ticker sends a lone start after it): one message less.
+                job.start_due = time.monotonic() + hold
+            else:
+                await self._frame(job, FrameKind.START, b"")
             try:
                 flags = msgspec.json.decode(msg.data, type=StreamFlags)
             except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -717,6 +728,7 @@ class Worker(Service):
             job.fenced = True
             raise _Fenced
         job.last_sent = now
+        job.start_due = 0.0  # any frame marks the start for the gateway
         headers = self._headers(job, kind)
         if usage is not None:  # the gateway counts tokens from it, without parsing bodies
             headers[subjects.H_USAGE] = f"{usage.prompt_tokens} {usage.completion_tokens or 0}"
@@ -758,6 +770,8 @@ class Worker(Service):
                 try:
                     if job.buf_tokens and now - job.buf_since >= batch_s:
                         await self._flush(job)
+                    elif job.start_due and now >= job.start_due:
+                        await self._frame(job, FrameKind.START, b"")
                     elif now - job.last_sent >= keepalive:
                         await self._frame(job, FrameKind.KEEPALIVE, b"")
                 except _Fenced:
