@@ -487,30 +487,32 @@ async def test_a_first_frame_within_the_hold_carries_the_start(
     await nc.subscribe(subjects.reply_wildcard(gw.gateway.gateway_id), cb=on)
     await nc.flush()
     await fabric.worker(fast, max_concurrency=8, max_tokens=16)
-    slow_worker = await fabric.worker(slow, max_concurrency=2, ttft_ms=1500, max_tokens=4)
+    await fabric.worker(slow, max_concurrency=2, ttft_ms=1500, max_tokens=4)
     client = await fabric.client(gw, timeout=30)
 
-    async def ask(model: str, stream: bool) -> str:
+    async def ask(model: str, stream: bool, rid: str | None = None) -> str:
+        extra = {"X-Request-Id": rid} if rid else None
         if stream:
-            chunks = await client.chat.completions.create(model=model, messages=MSG, stream=True)
+            chunks = await client.chat.completions.create(
+                model=model, messages=MSG, stream=True, extra_headers=extra
+            )
             return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
-        r = await client.chat.completions.create(model=model, messages=MSG)
+        r = await client.chat.completions.create(model=model, messages=MSG, extra_headers=extra)
         return r.choices[0].message.content or ""
 
     texts = await asyncio.gather(*[ask(fast, i % 2 == 0) for i in range(40)])
     assert all(len(t.split()) == 16 for t in texts)
-    slow_call = asyncio.create_task(ask(slow, True))
-    await until(lambda: slow_worker.inflight == 1)
-    # The slow engine's start goes out after the hold, long before its first token.
-    await until(lambda: any(kinds == [("start", 1)] for kinds in frames.values()), 1.0)
-    assert len((await slow_call).split()) == 4
-    await until(lambda: len(frames) == 41)
+    slow_rid = f"slow-{unique}"
+    assert len((await ask(slow, True, slow_rid)).split()) == 4
+    # The spy reads on its own connection: wait until it has seen every request's end.
+    await until(lambda: len(frames) == 41 and all(g[-1][0] == "end" for g in frames.values()))
     for rid, got in frames.items():
         kinds = [k for k, _ in got]
         assert [n for _, n in got] == list(range(1, len(got) + 1)), (rid, got)
-        assert kinds.count("end") == 1 and kinds[-1] == "end", (rid, got)
-        assert "error" not in kinds
-    # The slow request's, and of the fast ones at most a few (a loop stalled past the
-    # hold on a loaded machine sends start on its own; that is still correct).
-    starts = sum(1 for got in frames.values() if got[0][0] == "start")
-    assert 1 <= starts <= 11, f"{starts} of 41 requests sent a separate start frame"
+        assert kinds.count("end") == 1 and "error" not in kinds, (rid, got)
+    # The slow engine (1.5 s to its first token) sent start after the hold, before data.
+    assert frames[slow_rid][0] == ("start", 1), frames[slow_rid]
+    # Of the fast ones at most a few did (a loop stalled past the hold on a loaded
+    # machine sends start on its own; that is still correct).
+    starts = sum(1 for rid, got in frames.items() if got[0][0] == "start" and rid != slow_rid)
+    assert starts <= 10, f"{starts} of 40 fast requests sent a separate start frame"
