@@ -168,6 +168,7 @@ class Call:
     async def wait_started(self) -> None:
         """Until a worker sends ``start``; 503/504 when none does before the deadline."""
         d = self.dispatcher
+        silent_taker = False
         while True:
             remaining = self.deadline - time.time() + 0.5  # the worker's own 504 wins ties
             # Look every keepalive period whether a worker took the job and froze.
@@ -176,12 +177,17 @@ class Call:
                 msg = await self._next(max(wait, 0.0))
             except TimeoutError:
                 if wait < remaining:
-                    if self.attempt < MAX_ATTEMPTS and await d.stuck(self):
-                        # Handed to a worker that never started it (stopped, cut off
-                        # from NATS): take it back now instead of after ack_wait.
+                    taken = await d.taken(self) if self.attempt < MAX_ATTEMPTS else None
+                    # Handed to a worker that never acked it (stopped, cut off from
+                    # NATS), or acked by one that has sent nothing for two periods (it
+                    # froze before its first frame; a live one sends start within
+                    # start_hold_ms, keepalives every second, and one period could end
+                    # just after it took the job): take it back, not wait out ack_wait.
+                    if taken == "queued" or (taken == "acked" and silent_taker):
                         await d.withdraw(self)
-                        await self._retry("it took the job and never started it")
+                        await self._retry("it was taken and nothing came back")
                         return
+                    silent_taker = taken == "acked"
                     continue
                 await d.withdraw(self)
                 if not d.registry.live_workers(self.model):
@@ -539,21 +545,22 @@ class Dispatcher:
             except NebulaError as e:
                 call.fail(e)
 
-    async def stuck(self, call: Call) -> bool:
-        """True when the model's consumer has delivered the job (its sequence is at or
-        below the last delivered one) yet the job is still in the work queue: the
-        worker it went to never acked it, so never started it."""
+    async def taken(self, call: Call) -> str | None:
+        """Whether the model's consumer has delivered the job (its sequence is at or
+        below the last delivered one): ``"queued"`` if it is still in the work queue
+        (the worker never acked it), ``"acked"`` if a worker acked it, None if not
+        delivered (or unknown)."""
         if not call.seq:
-            return False
+            return None
         try:
             info = await self.js.consumer_info(
                 subjects.req_stream(call.model), subjects.req_consumer(call.model), timeout=1.0
             )
         except Exception:
-            return False
+            return None
         if info.delivered is None or (info.delivered.stream_seq or 0) < call.seq:
-            return False
-        return await self._still_queued(call)
+            return None
+        return "queued" if await self._still_queued(call) else "acked"
 
     async def _still_queued(self, call: Call) -> bool:
         try:

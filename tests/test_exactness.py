@@ -516,3 +516,33 @@ async def test_a_first_frame_within_the_hold_carries_the_start(
     # machine sends start on its own; that is still correct).
     starts = sum(1 for rid, got in frames.items() if got[0][0] == "start" and rid != slow_rid)
     assert starts <= 10, f"{starts} of 40 fast requests sent a separate start frame"
+
+
+async def test_a_job_taken_by_a_worker_silent_before_its_first_frame_runs_elsewhere(
+    fabric: Fabric, nc: Client, unique: str
+) -> None:
+    """A worker that acks a job and then sends nothing (frozen inside its start hold;
+    here: a hold and a keepalive interval longer than the test) does not hold the
+    request until its dispatch deadline: after two silent keepalive periods the
+    gateway runs it on another replica, and the silent attempt sends nothing later."""
+    model = f"mute-{unique}"
+    gw = await fabric.gateway(keepalive_timeout=1.0, dispatch_timeout=30)
+    assert gw.gateway is not None
+    spy = await _spy(nc, gw.gateway.gateway_id)
+    silent = {"start_hold_ms": 600_000, "keepalive_interval": 600, "drain_timeout": 0.5}
+    mute = await fabric.worker(model, max_concurrency=1, ttft_ms=3000, worker=silent)
+    client = await fabric.client(gw, timeout=30)
+    call = asyncio.create_task(
+        client.chat.completions.create(model=model, messages=MSG, max_tokens=4)
+    )
+    await until(lambda: mute.inflight == 1)
+    live = await fabric.worker(model, max_concurrency=1)
+    t0 = time.monotonic()
+    r = await call
+    assert len((r.choices[0].message.content or "").split()) == 4
+    assert time.monotonic() - t0 < 5, "retried after two keepalive periods, not at 30 s"
+    assert live.jobs_completed == 1
+    # The silent attempt is fenced at its first frame (3 s): nothing of it goes out.
+    await until(lambda: mute.jobs_fenced == 1 and mute.inflight == 0, 10)
+    assert {a for _, a, _, _ in spy.frames} == {"2"}, spy.frames
+    assert [k for _, _, k, _ in spy.frames].count("end") == 1, spy.frames
