@@ -205,13 +205,12 @@ class Call:
                 return
             hdrs = msg.headers or {}
             kind = hdrs.get(subjects.H_KIND)
-            if kind == _ERROR:
-                self.started_at = time.perf_counter()  # a worker took it (lazy start)
-                raise _wire_error(msg)
-            # A start, or an answer frame first: a lazy start (the worker skipped start
-            # for a fast first frame), or a start lost in a reconnect.
-            self.worker_id = hdrs.get(subjects.H_WORKER) or "?"
+            # A start, or an answer frame first (an error included): a lazy start (the
+            # worker skipped start for a fast first frame), or a start lost in a reconnect.
             self.started_at = time.perf_counter()
+            if kind == _ERROR:
+                raise _wire_error(msg)
+            self.worker_id = hdrs.get(subjects.H_WORKER) or "?"
             if kind != _START and kind != _KEEPALIVE:
                 self.held = msg  # data/end: frames() takes it next, before any queued
             return

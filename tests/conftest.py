@@ -230,12 +230,10 @@ class Fabric:
         # A gateway learns of a worker from its heartbeat's KV watch, a moment after the
         # worker started: a request sent before that is a correct 404, not what a test
         # that sends at once means to check.
-        for gw in self.gateways:
-            reg = gw.gateway.models if gw.gateway is not None else None
-            if reg is not None:
-                await until(
-                    lambda r=reg: any(i.worker_id == w.worker_id for i in r.live_workers(model))
-                )
+        for reg in [gw.gateway.models for gw in self.gateways if gw.gateway is not None]:
+            await until(
+                lambda r=reg: any(i.worker_id == w.worker_id for i in r.live_workers(model))
+            )
         return w
 
     async def client(self, gw: GatewayServer, **kw: Any) -> AsyncOpenAI:
